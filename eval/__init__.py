@@ -1,0 +1,1 @@
+"""Benchmarks and evaluations (``mmsparse.eval``); results are written under ``eval/results/``."""
