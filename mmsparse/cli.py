@@ -1,0 +1,125 @@
+"""Command line: ``mmsparse qa VIDEO "question" [--model M] [--sparse PRESET] [--fps ...]``.
+
+Answers and stats go to stdout (``--json`` for machine output); logs go to stderr. Bad input
+prints one line ``error: ...`` and exits non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Sequence
+
+from .errors import MMSparseError
+
+log = logging.getLogger("mmsparse")
+
+
+def _add_sampling(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("video sampling (qwen-vl-utils semantics)")
+    g.add_argument("--fps", type=float, help="frames per second to sample (default 2; not with --nframes)")
+    g.add_argument("--nframes", type=int, help="exact number of frames to sample (not with --fps)")
+    g.add_argument("--min-frames", type=int, help="lower bound on sampled frames (default 4)")
+    g.add_argument("--max-frames", type=int, help="upper bound on sampled frames (default 768)")
+    g.add_argument("--min-pixels", type=int, help="lower bound on pixels per frame")
+    g.add_argument("--max-pixels", type=int, help="upper bound on pixels per frame")
+    g.add_argument("--total-pixels", type=int, help="pixel budget over all frames")
+    g.add_argument("--start", type=float, help="start of the window, seconds")
+    g.add_argument("--end", type=float, help="end of the window, seconds")
+    g.add_argument("--video-backend", choices=["decord", "torchcodec", "av", "cv2"], help="force a decoder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmsparse", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    qa = sub.add_parser("qa", help="answer a question about a video")
+    qa.add_argument("video", help="path of a video file, or sample:NAME for a bundled clip (sample:bigbuckbunny)")
+    qa.add_argument("question", help="the question to ask")
+    qa.add_argument("--model", help="hub id, local path or tiny test model (default: mmsparse/tiny-qwen2.5-vl, untrained)")
+    qa.add_argument("--sparse", default="dense", help="preset: dense, balanced, fast (default: dense)")
+    qa.add_argument("--max-new-tokens", type=int, default=64)
+    qa.add_argument("--system-prompt")
+    qa.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    qa.add_argument("--dtype", help="bfloat16, float16, float32 (default: bf16 on cuda, fp32 on cpu)")
+    qa.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    qa.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
+    _add_sampling(qa)
+    return parser
+
+
+_SAMPLING_ARGS = ("fps", "nframes", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels", "start", "end")
+
+
+def run_qa(args: argparse.Namespace) -> dict[str, Any]:
+    from .pipelines import pipeline
+
+    model = args.model
+    if model is None:
+        from .pipelines.factory import DEFAULT_MODEL
+
+        model = DEFAULT_MODEL
+        log.warning("no --model given: using %s, an untrained tiny model (answers are arbitrary tokens)", model)
+    video = args.video
+    if video.startswith("sample:"):
+        from .media import sample_video
+
+        video = str(sample_video(video.removeprefix("sample:")))
+    sampling = {k: getattr(args, k) for k in _SAMPLING_ARGS if getattr(args, k) is not None}
+    log.info("loading %s", model)
+    pipe = pipeline("video-qa", model=model, sparse=args.sparse, device=args.device, dtype=args.dtype)
+    log.info("answering")
+    out = pipe(
+        video,
+        args.question,
+        max_new_tokens=args.max_new_tokens,
+        system_prompt=args.system_prompt,
+        video_backend=args.video_backend,
+        **sampling,
+    )
+    out["model"] = str(model)
+    return out
+
+
+def _print_text(out: dict[str, Any]) -> None:
+    print(out["answer"])
+    stats = out["stats"]
+    parts = []
+    for key, value in stats.items():
+        if isinstance(value, float):
+            value = f"{value:.3f}"
+        parts.append(f"{key}={value}")
+    print("stats: " + " ".join(parts))
+
+
+def _log_to_stderr(level: int) -> None:
+    """mmsparse's own logs go to stderr, whatever the root logger does."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[mmsparse] %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _log_to_stderr(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    try:
+        out = run_qa(args)
+    except MMSparseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    if args.json:
+        print(json.dumps(out, default=str))
+    else:
+        _print_text(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
