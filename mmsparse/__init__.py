@@ -25,14 +25,18 @@ _LAZY = {
     "MMSparseError": ("mmsparse.errors", "MMSparseError"),
 }
 
+_SUBMODULES = frozenset({"config", "errors", "layout", "loading", "media", "models", "testing", "video", "pipelines", "kernels", "eval"})
+
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    try:
+    if name in _SUBMODULES:
+        value = import_module(f"mmsparse.{name}")
+    elif name in _LAZY:
         module, attr = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'mmsparse' has no attribute {name!r}") from None
-    value = getattr(import_module(module), attr)
+        value = getattr(import_module(module), attr)
+    else:
+        raise AttributeError(f"module 'mmsparse' has no attribute {name!r}")
     globals()[name] = value
     return value

@@ -50,8 +50,8 @@ class VideoQAPipeline(Pipeline):
             raise InvalidInputError("the video-qa pipeline needs a processor; pass processor= or load with mmsparse.pipeline")
         self.adapter = adapter or adapter_class(model.config.model_type)(model, processor)
         self.sparse_config = resolve_sparse(sparse)
-        self.sampling = SamplingOptions(**{k: kwargs.pop(k) for k in list(kwargs) if k in SAMPLING_KEYS})
-        self.sampling.validate()
+        given = {k: kwargs.pop(k) for k in list(kwargs) if k in SAMPLING_KEYS}
+        self.sampling = SamplingOptions(**{**self.adapter.sampling_defaults(), **given})
         self.video_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in VIDEO_KEYS}
         kwargs.pop("tokenizer", None)
         super().__init__(model=model, processor=processor, tokenizer=processor.tokenizer, **kwargs)
@@ -60,8 +60,7 @@ class VideoQAPipeline(Pipeline):
     def __call__(self, video: Any, question: str | None = None, *, questions: list[str] | None = None, **kwargs: Any):
         asked = _questions(question, questions)
         sampling = {k: kwargs.pop(k) for k in list(kwargs) if k in SAMPLING_KEYS}
-        options = replace(self.sampling, **sampling)
-        options.validate()
+        options = replace(self.sampling, **sampling)  # validated on construction
         video_kwargs = {**self.video_kwargs, **{k: kwargs.pop(k) for k in list(kwargs) if k in VIDEO_KEYS}}
         system_prompt = kwargs.get("system_prompt", self._preprocess_params.get("system_prompt"))
         new_tokens = kwargs.get("max_new_tokens", self._forward_params["generate_kwargs"].get("max_new_tokens"))

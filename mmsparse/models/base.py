@@ -57,6 +57,10 @@ class ModelAdapter(ABC):
         text_ids = self.processor.tokenizer(self.prompt(question, system_prompt))["input_ids"]
         return len(text_ids) - 1 + self.count_video_tokens(plan)
 
+    def sampling_defaults(self) -> dict[str, Any]:
+        """SamplingOptions fields this model's processor implies when the user leaves them unset."""
+        return {}
+
     # -- per family -----------------------------------------------------------------------
     @abstractmethod
     def count_video_tokens(self, plan: SamplingPlan) -> int:

@@ -36,6 +36,19 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         groups = -(-plan.nframes // self.frame_factor)
         return groups * (plan.height // self.size_factor) * (plan.width // self.size_factor)
 
+    def sampling_defaults(self) -> dict[str, Any]:
+        # qwen-vl-utils' per-frame pixel defaults, clamped into the range the checkpoint's video
+        # processor allows: real checkpoints keep qwen-vl-utils' values, a small model that was
+        # trained at one frame size (the toy model) gets that size.
+        from ..video import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
+        size = getattr(self.processor.video_processor, "size", None) or {}
+        low, high = size.get("shortest_edge"), size.get("longest_edge")
+        if not low or not high:
+            return {}
+        clamp = lambda x: int(min(max(x, low), high))  # noqa: E731
+        return {"min_pixels": clamp(DEFAULT_MIN_PIXELS), "max_pixels": clamp(DEFAULT_MAX_PIXELS)}
+
     def processor_kwargs(self) -> dict[str, Any]:
         # Frames arrive sampled and sized by mmsparse.video (qwen-vl-utils rules, total_pixels
         # included); the processor must not resample or resize them again.
