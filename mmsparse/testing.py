@@ -55,7 +55,7 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(special_tokens: tuple[str, ...], vocab_size: int = 512):
+def build_tokenizer(special_tokens: tuple[str, ...], vocab_size: int = 512, corpus: str = ""):
     """A Qwen2 byte-level BPE tokenizer trained on a fixed small corpus (deterministic)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
@@ -68,7 +68,7 @@ def build_tokenizer(special_tokens: tuple[str, ...], vocab_size: int = 512):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    bpe.train_from_iterator([_CORPUS + " " + corpus] * 4, trainer=trainer)
     vocab = bpe.get_vocab()
     merges = _merges_of(bpe)
     return Qwen2Tokenizer(

@@ -1,0 +1,290 @@
+"""Train the toy VLM: a small Qwen2.5-VL that finds needles in long haystacks of real clips.
+
+    python -m mmsparse.eval.train_toy --out mmsparse/toy_model --minutes 7 --seed 0
+    python -m mmsparse.eval.train_toy --out DIR --steps 1800 --seed 0     # reproduce a run exactly
+
+The model is a stock ``Qwen2_5_VLForConditionalGeneration`` (4 LLM layers, hidden 256, GQA 4/2,
+a 4-block vision tower) with an offline BPE tokenizer; frames are 112x112, so one temporal
+group of 2 frames is 16 LLM tokens. Tasks: questions about a card (shape colour, shape, digit,
+word) inserted as one temporal group at a random depth in a haystack of real clips, and short
+captions of the card. A length curriculum grows haystacks from 8 to 512 groups (128 to 8192
+video tokens); the sampled-fps of each video varies so M-RoPE temporal positions seen in
+training cover those of longer videos. Batches are built on the device (no processor in the
+loop); ``patchify`` reproduces the processor's pixel layout exactly (tested).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .haystack import Haystack
+from .needles import Needle, builtin_needles, caption_needles
+
+FRAME = 112
+TOKENS_PER_GROUP = (FRAME // 28) ** 2
+TOY_NAME = "mmsparse/toy-qwen2.5-vl"
+TOY_TEXT = dict(
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=65536,
+    rope_theta=10000.0,
+    rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},
+)
+TOY_VISION = dict(
+    depth=4,
+    hidden_size=128,
+    intermediate_size=256,
+    num_heads=4,
+    out_hidden_size=256,
+    window_size=112,
+    fullatt_block_indexes=[1, 3],
+    tokens_per_second=2,
+)
+
+
+def build_toy(seed: int = 0):
+    """Fresh (untrained) toy model and its processor."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    from mmsparse.testing import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, _generation_config, build_tokenizer
+
+    corpus = " ".join(f"{n.question} {n.answer} {' '.join(n.aliases)}" for n in builtin_needles() + caption_needles())
+    tokenizer = build_tokenizer(QWEN_SPECIAL_TOKENS, vocab_size=640, corpus=corpus)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    config = Qwen2_5_VLConfig(
+        text_config={
+            **TOY_TEXT,
+            "vocab_size": len(tokenizer),
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config=TOY_VISION,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config = _generation_config(tokenizer)
+    pixels = {"shortest_edge": FRAME * FRAME, "longest_edge": FRAME * FRAME}
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=FRAME * FRAME, max_pixels=FRAME * FRAME),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(size=pixels),
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def patchify(frames: torch.Tensor, mean: list[float], std: list[float], patch: int = 14, merge: int = 2, temporal: int = 2) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> the processor's ``pixel_values_videos`` [T/2 * H/14 * W/14, 3*2*14*14]."""
+    t, h, w, c = frames.shape
+    x = frames.permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(mean, device=x.device).view(1, c, 1, 1)) / torch.tensor(std, device=x.device).view(1, c, 1, 1)
+    gt, gh, gw = t // temporal, h // patch, w // patch
+    x = x.view(gt, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gt * gh * gw, c * temporal * patch * patch)
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, torch.Tensor]
+    answer_mask: torch.Tensor  # [B, L] True where a label token sits
+
+
+class TaskSampler:
+    """Builds training and validation batches on the device."""
+
+    def __init__(self, processor, device: torch.device, crop: str = "random", variants: int = 6, seed: int = 0) -> None:
+        self.device = device
+        self.tok = processor.tokenizer
+        vp = processor.video_processor
+        self.mean, self.std = list(vp.image_mean), list(vp.image_std)
+        self.haystack = Haystack(FRAME, fps=25.0, crop=crop)
+        self.haystack.clips = [clip.to(device) for clip in self.haystack.clips]
+        self.tasks: list[Needle] = builtin_needles() + caption_needles()
+        cards = {json.dumps(n.render, sort_keys=True) for n in self.tasks}
+        self.card_keys = sorted(cards)
+        rng = random.Random(seed)
+        pictures = [
+            torch.from_numpy(Needle("c", "q", "a", render=json.loads(key)).picture(FRAME, rng).copy())
+            for key in self.card_keys
+            for _ in range(variants)
+        ]
+        self.cards = torch.stack(pictures).to(device).view(len(self.card_keys), variants, FRAME, FRAME, 3)
+        self.video_pad = self.tok.convert_tokens_to_ids("<|video_pad|>")
+        self.im_end = self.tok.convert_tokens_to_ids("<|im_end|>")
+        self.pad = self.tok.convert_tokens_to_ids("<|endoftext|>")
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "{Q}"}]}],
+            add_generation_prompt=True, tokenize=False,
+        )
+        self.before_video, rest = prompt.split("<|video_pad|>")
+        self.prefix = self.tok(self.before_video)["input_ids"]
+        self.encoded = [
+            (self.tok(rest.replace("{Q}", n.question))["input_ids"], self.tok(n.answer)["input_ids"] + [self.im_end])
+            for n in self.tasks
+        ]
+
+    def batch(self, groups: int, size: int, rng: random.Random) -> Batch:
+        frames, ids, masks = [], [], []
+        spgs = []
+        for _ in range(size):
+            task = rng.randrange(len(self.tasks))
+            needle = self.tasks[task]
+            card = self.cards[self.card_keys.index(json.dumps(needle.render, sort_keys=True)), rng.randrange(self.cards.shape[1])]
+            hay = self.haystack.frames(groups * 2, seed=rng.randrange(2**31))
+            where = rng.randrange(groups)
+            hay[2 * where : 2 * where + 2] = card
+            frames.append(patchify(hay, self.mean, self.std))
+            suffix, answer = self.encoded[task]
+            seq = self.prefix + [self.video_pad] * (groups * TOKENS_PER_GROUP) + suffix + answer
+            ids.append(seq)
+            masks.append([False] * (len(seq) - len(answer)) + [True] * len(answer))
+            spgs.append(rng.choice((0.5, 1.0, 2.0, 4.0)))
+        length = max(len(s) for s in ids)
+        input_ids = torch.full((size, length), self.pad, dtype=torch.long)
+        answer_mask = torch.zeros((size, length), dtype=torch.bool)
+        for i, (seq, mask) in enumerate(zip(ids, masks)):
+            input_ids[i, : len(seq)] = torch.tensor(seq)
+            answer_mask[i, : len(mask)] = torch.tensor(mask)
+        input_ids = input_ids.to(self.device)
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),  # padding sits after the answers: causal attention never sees it
+            "mm_token_type_ids": (input_ids == self.video_pad).int() * 2,
+            "pixel_values_videos": torch.cat(frames),
+            "video_grid_thw": torch.tensor([[groups, FRAME // 14, FRAME // 14]] * size, device=self.device),
+            "second_per_grid_ts": torch.tensor(spgs, device=self.device),
+        }
+        return Batch(inputs, answer_mask.to(self.device))
+
+
+def answer_loss(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over answer tokens, and per-sample exact match of greedy answers."""
+    logits = model(**batch.inputs).logits[:, :-1].float()
+    target = batch.inputs["input_ids"][:, 1:]
+    mask = batch.answer_mask[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    loss = (ce * mask).sum() / mask.sum()
+    correct = ((logits.argmax(-1) == target) | ~mask).all(dim=1)
+    return loss, correct
+
+
+def groups_at(progress: float, rng: random.Random, longest: int) -> int:
+    """Length curriculum: log-uniform in [8, cap] where cap grows to ``longest`` by 60% of training."""
+    cap = 8 * (longest / 8) ** min(1.0, progress / 0.6)
+    return max(8, int(math.exp(rng.uniform(math.log(8), math.log(max(cap, 8))))))
+
+
+@torch.no_grad()
+def validate(model, sampler: TaskSampler, groups_list: list[int], samples: int, seed: int = 1234) -> dict[int, float]:
+    model.eval()
+    out = {}
+    for groups in groups_list:
+        rng = random.Random(seed + groups)
+        correct = 0
+        per = max(1, min(samples, 16384 // (groups * TOKENS_PER_GROUP)))
+        done = 0
+        while done < samples:
+            n = min(per, samples - done)
+            with torch.autocast(sampler.device.type, dtype=torch.bfloat16):
+                _, ok = answer_loss(model, sampler.batch(groups, n, rng))
+            correct += int(ok.sum())
+            done += n
+        out[groups * TOKENS_PER_GROUP] = correct / samples
+    model.train()
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--minutes", type=float, default=7.0, help="train for this long (ignored with --steps)")
+    parser.add_argument("--steps", type=int, help="exact number of steps (reproduces a run)")
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--tokens-per-step", type=int, default=16384)
+    parser.add_argument("--longest", type=int, default=512, help="longest haystack in temporal groups (16 tokens each)")
+    parser.add_argument("--val-samples", type=int, default=48)
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    random.seed(args.seed)
+    rng = random.Random(args.seed)
+    model, processor = build_toy(args.seed)
+    model.to(device).train()
+    sampler = TaskSampler(processor, device, crop="random", seed=args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    planned = args.steps or 10**9
+    budget = args.minutes * 60
+    start, step, log = time.perf_counter(), 0, []
+    while step < planned:
+        elapsed = time.perf_counter() - start
+        progress = step / planned if args.steps else elapsed / budget
+        if progress >= 1.0:
+            break
+        lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        groups = groups_at(progress, rng, args.longest)
+        size = max(1, min(32, args.tokens_per_step // (groups * TOKENS_PER_GROUP)))
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss, correct = answer_loss(model, sampler.batch(groups, size, rng))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            entry = {"step": step, "s": round(time.perf_counter() - start, 1), "groups": groups, "batch": size,
+                     "loss": round(float(loss), 4), "acc": round(float(correct.float().mean()), 3), "lr": round(lr, 6)}
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+    train_s = time.perf_counter() - start
+    val = validate(model, TaskSampler(processor, device, crop="center", seed=args.seed + 1),
+                   [64, 128, 256, 512, 1024, 2048], args.val_samples)
+    print("validation exact match by video tokens:", json.dumps(val), flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(args.out)
+    processor.save_pretrained(args.out)
+    record = {
+        "name": TOY_NAME,
+        "note": "toy model for offline demos and tests, not a general VLM",
+        "seed": args.seed,
+        "steps": step,
+        "train_seconds": round(train_s, 1),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "params": sum(p.numel() for p in model.parameters()),
+        "validation_exact_match": val,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "log": log,
+    }
+    (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    main()
