@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from mmsparse.vision_attention import use_packed_vision_attention
+
 from .haystack import Haystack
 from .needles import Needle, builtin_needles, caption_needles
 
@@ -132,6 +134,7 @@ class TaskSampler:
             for _ in range(variants)
         ]
         self.cards = torch.stack(pictures).to(device).view(len(self.card_keys), variants, FRAME, FRAME, 3)
+        self.card_of_task = [self.card_keys.index(json.dumps(n.render, sort_keys=True)) for n in self.tasks]
         self.video_pad = self.tok.convert_tokens_to_ids("<|video_pad|>")
         self.im_end = self.tok.convert_tokens_to_ids("<|im_end|>")
         self.pad = self.tok.convert_tokens_to_ids("<|endoftext|>")
@@ -151,8 +154,7 @@ class TaskSampler:
         spgs = []
         for _ in range(size):
             task = rng.randrange(len(self.tasks))
-            needle = self.tasks[task]
-            card = self.cards[self.card_keys.index(json.dumps(needle.render, sort_keys=True)), rng.randrange(self.cards.shape[1])]
+            card = self.cards[self.card_of_task[task], rng.randrange(self.cards.shape[1])]
             hay = self.haystack.frames(groups * 2, seed=rng.randrange(2**31))
             where = rng.randrange(groups)
             hay[2 * where : 2 * where + 2] = card
@@ -192,8 +194,8 @@ def answer_loss(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def groups_at(progress: float, rng: random.Random, longest: int) -> int:
-    """Length curriculum: log-uniform in [8, cap] where cap grows to ``longest`` by 60% of training."""
-    cap = 8 * (longest / 8) ** min(1.0, progress / 0.6)
+    """Length curriculum: log-uniform in [8, cap] where cap grows to ``longest`` by 70% of training."""
+    cap = 8 * (longest / 8) ** min(1.0, progress / 0.7)
     return max(8, int(math.exp(rng.uniform(math.log(8), math.log(max(cap, 8))))))
 
 
@@ -233,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     random.seed(args.seed)
     rng = random.Random(args.seed)
     model, processor = build_toy(args.seed)
+    use_packed_vision_attention(model)  # one SDPA call per layer instead of one per frame pair
     model.to(device).train()
     sampler = TaskSampler(processor, device, crop="random", seed=args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -267,6 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("validation exact match by video tokens:", json.dumps(val), flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
+    model.config.vision_config._attn_implementation = "sdpa"  # the shipped model uses stock attention
     model.to(torch.bfloat16).save_pretrained(args.out)
     processor.save_pretrained(args.out)
     record = {
