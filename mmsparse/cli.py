@@ -1,4 +1,5 @@
-"""Command line: ``mmsparse qa VIDEO "question" [--model M] [--sparse PRESET] [--fps ...]``.
+"""Command line: ``mmsparse qa VIDEO "question" [--model M] [--sparse PRESET] [--fps ...]`` and
+``mmsparse vniah [--model M] [--frames N ...] [--depths D ...] [--configs dense ...]``.
 
 Answers and stats go to stdout (``--json`` for machine output); logs go to stderr. Bad input
 prints one line ``error: ...`` and exits non-zero, never a traceback.
@@ -46,7 +47,38 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     qa.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
     _add_sampling(qa)
+    _add_vniah(sub)
     return parser
+
+
+def _add_vniah(sub: argparse._SubParsersAction) -> None:
+    # Unset options fall through to run_vniah's defaults (the help repeats them; importing
+    # mmsparse.eval.vniah here would load torch for every command).
+    v = sub.add_parser(
+        "vniah",
+        help="VisionNIAH: needle-in-a-video-haystack accuracy grid, several configs on the same inputs",
+        description="Needle picture at depth d in a haystack of N frames; exact match, log-likelihood, TTFT, "
+        "peak memory per config; JSON + heatmap PNG per config and a summary under --out-dir.",
+    )
+    v.add_argument("--model", help="hub id, local path or tiny test model (default: mmsparse.pipelines.factory.DEFAULT_MODEL)")
+    v.add_argument("--frames", type=int, nargs="+", metavar="N",
+                   help="haystack lengths in frames, even, >= 2 (default: 64 128 256 512)")
+    v.add_argument("--depths", type=float, nargs="+", metavar="D",
+                   help="needle depths in [0, 1] (default: 0 0.25 0.5 0.75 1)")
+    v.add_argument("--needles-per-cell", type=int, metavar="K", help="needles per (frames, depth) cell (default: 2)")
+    v.add_argument("--configs", nargs="+", metavar="PRESET",
+                   help="presets to compare on the same inputs (default: every preset whose stages are built)")
+    v.add_argument("--needle-set", metavar="FILE", help="needle-set JSON (format: mmsparse.eval.needles; default: built-in cards)")
+    v.add_argument("--haystack", nargs="+", metavar="VIDEO", help="haystack source videos (default: the bundled real clips)")
+    v.add_argument("--size", type=int, help="frame side in pixels (default: 112)")
+    v.add_argument("--seed", type=int, help="master seed: every cell is rebuilt from it (default: 0)")
+    v.add_argument("--max-new-tokens", type=int, help="greedy answer length cap (default: 8)")
+    v.add_argument("--out-dir", help="where JSON and PNG files go (default: eval/results/ of the package)")
+    v.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    v.add_argument("--dtype", help="bfloat16, float16, float32 (default: bf16 on cuda, fp32 on cpu)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    v.add_argument("--json", action="store_true", help="print the summary as one JSON object instead of the table")
+    v.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
 
 
 _SAMPLING_ARGS = ("fps", "nframes", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels", "start", "end")
@@ -82,6 +114,44 @@ def run_qa(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def run_vniah(args: argparse.Namespace) -> dict[str, Any]:
+    from .eval.vniah import RESULTS_DIR
+    from .eval.vniah import run_vniah as run
+
+    if args.model is None:
+        from .pipelines.factory import DEFAULT_MODEL
+        from .testing import TINY_MODELS
+
+        note = ", an untrained tiny model (accuracy will be ~0)" if DEFAULT_MODEL in TINY_MODELS else ""
+        log.warning("no --model given: using %s%s", DEFAULT_MODEL, note)
+    given = {
+        "frames": args.frames,
+        "depths": args.depths,
+        "needles_per_cell": args.needles_per_cell,
+        "size": args.size,
+        "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens,
+    }
+    return run(
+        model=args.model,
+        configs=args.configs,
+        needles=args.needle_set,
+        haystack=args.haystack,
+        out_dir=args.out_dir or RESULTS_DIR,
+        progress=not args.no_progress,
+        device=args.device,
+        dtype=args.dtype,
+        **{k: v for k, v in given.items() if v is not None},
+    )
+
+
+def _print_vniah(summary: dict[str, Any]) -> None:
+    from .eval.vniah import format_table
+
+    log.info("wrote %s", ", ".join(f"{c['json']}, {c['png']}" for c in summary["configs"]) + f" under {summary['out_dir']}")
+    print(format_table(summary))  # last thing on stdout
+
+
 def _print_text(out: dict[str, Any]) -> None:
     print(out["answer"])
     stats = out["stats"]
@@ -109,15 +179,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+    run, show = {"qa": (run_qa, _print_text), "vniah": (run_vniah, _print_vniah)}[args.command]
     try:
-        out = run_qa(args)
+        out = run(args)
     except MMSparseError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     if args.json:
         print(json.dumps(out, default=str))
     else:
-        _print_text(out)
+        show(out)
     return 0
 
 
