@@ -108,10 +108,16 @@ def builtin_needles() -> list[Needle]:
         colour = list(COLOURS)[digit % len(COLOURS)]
         render = {"kind": "digit", "digit": digit, "colour": colour}
         needles.append(Needle(f"digit-{digit}", QUESTIONS["digit"], str(digit), render, aliases=(DIGIT_WORDS[digit],)))
-    for i, word in enumerate(WORDS):
-        render = {"kind": "word", "word": word, "colour": list(COLOURS)[i % len(COLOURS)]}
-        needles.append(Needle(f"word-{word}", QUESTIONS["word"], word, render))
     return needles
+
+
+def word_needles() -> list[Needle]:
+    """Word cards: renderable for users' needle sets, but kept out of the toy model's training
+    set (shapes, colours and digits fit its few-minute training budget)."""
+    return [
+        Needle(f"word-{word}", QUESTIONS["word"], word, {"kind": "word", "word": word, "colour": list(COLOURS)[i % len(COLOURS)]})
+        for i, word in enumerate(WORDS)
+    ]
 
 
 def caption_needles() -> list[Needle]:

@@ -7,7 +7,7 @@ The model is a stock ``Qwen2_5_VLForConditionalGeneration`` (4 LLM layers, hidde
 a 4-block vision tower) with an offline BPE tokenizer; frames are 112x112, so one temporal
 group of 2 frames is 16 LLM tokens. Tasks: questions about a card (shape colour, shape, digit,
 word) inserted as one temporal group at a random depth in a haystack of real clips, and short
-captions of the card. A length curriculum grows haystacks from 8 to 512 groups (128 to 8192
+captions of the card. A length curriculum grows haystacks from 1 to 512 groups (16 to 8192
 video tokens); the sampled-fps of each video varies so M-RoPE temporal positions seen in
 training cover those of longer videos. Batches are built on the device (no processor in the
 loop); ``patchify`` reproduces the processor's pixel layout exactly (tested).
@@ -194,9 +194,13 @@ def answer_loss(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def groups_at(progress: float, rng: random.Random, longest: int) -> int:
-    """Length curriculum: log-uniform in [8, cap] where cap grows to ``longest`` by 70% of training."""
-    cap = 8 * (longest / 8) ** min(1.0, progress / 0.7)
-    return max(8, int(math.exp(rng.uniform(math.log(8), math.log(max(cap, 8))))))
+    """Length curriculum. Retrieval is only learnable from short videos first: with one or two
+    groups the card's features reach the answer by plain averaging, and attention then sharpens
+    as haystacks grow. The cap grows geometrically from 1 to ``longest`` by 75% of training;
+    lengths are log-uniform in [cap / 8, cap], so short videos keep being seen."""
+    cap = longest ** min(1.0, progress / 0.75)
+    low = max(1.0, cap / 8)
+    return max(1, round(math.exp(rng.uniform(math.log(low), math.log(max(cap, low))))))
 
 
 @torch.no_grad()
@@ -251,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr
         groups = groups_at(progress, rng, args.longest)
-        size = max(1, min(32, args.tokens_per_step // (groups * TOKENS_PER_GROUP)))
+        size = max(1, min(64, args.tokens_per_step // (groups * TOKENS_PER_GROUP)))
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss, correct = answer_loss(model, sampler.batch(groups, size, rng))
         opt.zero_grad(set_to_none=True)
