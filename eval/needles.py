@@ -104,10 +104,14 @@ def builtin_needles() -> list[Needle]:
             render = {"kind": "shape", "shape": shape, "colour": colour}
             needles.append(Needle(f"{colour}-{shape}-colour", QUESTIONS["colour"], colour, render))
             needles.append(Needle(f"{colour}-{shape}-shape", QUESTIONS["shape"], shape, render))
+    colours = list(COLOURS)
     for digit in range(10):
-        colour = list(COLOURS)[digit % len(COLOURS)]
-        render = {"kind": "digit", "digit": digit, "colour": colour}
-        needles.append(Needle(f"digit-{digit}", QUESTIONS["digit"], str(digit), render, aliases=(DIGIT_WORDS[digit],)))
+        # Three colours per digit, each colour shared by several digits: the colour alone
+        # cannot tell the digit, so a model must read the glyph.
+        for shift in (0, 2, 4):
+            colour = colours[(digit + shift) % len(colours)]
+            render = {"kind": "digit", "digit": digit, "colour": colour}
+            needles.append(Needle(f"digit-{digit}-{colour}", QUESTIONS["digit"], str(digit), render, aliases=(DIGIT_WORDS[digit],)))
     return needles
 
 
