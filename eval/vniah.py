@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from mmsparse.pipelines import VideoQAPipeline
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-DEFAULT_FRAMES: tuple[int, ...] = (64, 128, 256, 512)  # a few minutes on a 2-core CPU with the toy model
+DEFAULT_FRAMES: tuple[int, ...] = (64, 128, 256, 512, 1024)  # 512 to 8192 video tokens for the toy model; minutes on a 2-core CPU
 DEFAULT_DEPTHS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_NEEDLES_PER_CELL = 2
 DEFAULT_SIZE = 112
@@ -187,13 +187,12 @@ def model_slug(name: str | os.PathLike) -> str:
 
 def _load_adapter(model: Any, device: str | None, dtype: Any) -> tuple[ModelAdapter, str]:
     """The adapter and the model's display name; a loaded adapter is used as is."""
-    from mmsparse.loading import load
+    from mmsparse.loading import DEFAULT_MODEL, load
     from mmsparse.models import ModelAdapter
-    from mmsparse.pipelines import factory
 
     if isinstance(model, ModelAdapter):
         return model, str(getattr(model.model, "name_or_path", "") or model.model.config.model_type)
-    name = factory.DEFAULT_MODEL if model is None else model  # read at call time: the default may change
+    name = DEFAULT_MODEL if model is None else model
     return load(name, device=device, dtype=dtype), str(name)
 
 
@@ -507,7 +506,7 @@ def run_vniah(
     """Run the V-NIAH grid for every configuration on the same inputs; return the summary.
 
     ``model``: hub id, local path, tiny test model name or a loaded ``ModelAdapter``; default
-    ``mmsparse.pipelines.factory.DEFAULT_MODEL``. ``configs``: preset names (default: the
+    ``mmsparse.loading.DEFAULT_MODEL`` (the toy model). ``configs``: preset names (default: the
     presets whose stages are all built), or a mapping name -> preset name / SparseConfig.
     ``needles``: a needle-set JSON (see ``mmsparse.eval.needles``) or None for the built-in set.
     ``haystack``: video paths, a ``Haystack``, or None for the bundled clips.

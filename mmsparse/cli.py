@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     qa = sub.add_parser("qa", help="answer a question about a video")
     qa.add_argument("video", help="path of a video file, or sample:NAME for a bundled clip (sample:bigbuckbunny)")
     qa.add_argument("question", help="the question to ask")
-    qa.add_argument("--model", help="hub id, local path or tiny test model (default: mmsparse/tiny-qwen2.5-vl, untrained)")
+    qa.add_argument("--model", help="hub id, local path, or mmsparse/toy-qwen2.5-vl (default: that toy model, offline demos only)")
     qa.add_argument("--sparse", default="dense", help="preset: dense, balanced, fast (default: dense)")
     qa.add_argument("--max-new-tokens", type=int, default=64)
     qa.add_argument("--system-prompt")
@@ -60,9 +60,9 @@ def _add_vniah(sub: argparse._SubParsersAction) -> None:
         description="Needle picture at depth d in a haystack of N frames; exact match, log-likelihood, TTFT, "
         "peak memory per config; JSON + heatmap PNG per config and a summary under --out-dir.",
     )
-    v.add_argument("--model", help="hub id, local path or tiny test model (default: mmsparse.pipelines.factory.DEFAULT_MODEL)")
+    v.add_argument("--model", help="hub id, local path, or mmsparse/toy-qwen2.5-vl (the default)")
     v.add_argument("--frames", type=int, nargs="+", metavar="N",
-                   help="haystack lengths in frames, even, >= 2 (default: 64 128 256 512)")
+                   help="haystack lengths in frames, even, >= 2 (default: 64 128 256 512 1024)")
     v.add_argument("--depths", type=float, nargs="+", metavar="D",
                    help="needle depths in [0, 1] (default: 0 0.25 0.5 0.75 1)")
     v.add_argument("--needles-per-cell", type=int, metavar="K", help="needles per (frames, depth) cell (default: 2)")
@@ -84,15 +84,20 @@ def _add_vniah(sub: argparse._SubParsersAction) -> None:
 _SAMPLING_ARGS = ("fps", "nframes", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels", "start", "end")
 
 
+def _model_or_default(model: str | None) -> str:
+    """The model to load; without --model, the toy model, labelled as such on stderr."""
+    from .loading import DEFAULT_MODEL, describe
+
+    if model is None:
+        model = DEFAULT_MODEL
+        log.warning("no --model given: using %s", describe(model))
+    return model
+
+
 def run_qa(args: argparse.Namespace) -> dict[str, Any]:
     from .pipelines import pipeline
 
-    model = args.model
-    if model is None:
-        from .pipelines.factory import DEFAULT_MODEL
-
-        model = DEFAULT_MODEL
-        log.warning("no --model given: using %s, an untrained tiny model (answers are arbitrary tokens)", model)
+    model = _model_or_default(args.model)
     video = args.video
     if video.startswith("sample:"):
         from .media import sample_video
@@ -118,12 +123,7 @@ def run_vniah(args: argparse.Namespace) -> dict[str, Any]:
     from .eval.vniah import RESULTS_DIR
     from .eval.vniah import run_vniah as run
 
-    if args.model is None:
-        from .pipelines.factory import DEFAULT_MODEL
-        from .testing import TINY_MODELS
-
-        note = ", an untrained tiny model (accuracy will be ~0)" if DEFAULT_MODEL in TINY_MODELS else ""
-        log.warning("no --model given: using %s%s", DEFAULT_MODEL, note)
+    _model_or_default(args.model)
     given = {
         "frames": args.frames,
         "depths": args.depths,

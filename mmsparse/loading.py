@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidInputError, ModelLoadError
@@ -11,6 +12,26 @@ from .models import ModelAdapter, adapter_class
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, ProcessorMixin
+
+TOY_MODEL = "mmsparse/toy-qwen2.5-vl"
+DEFAULT_MODEL = TOY_MODEL
+TOY_LABEL = "a toy model trained on synthetic needle tasks, for offline demos and tests; not a general VLM"
+
+
+def toy_model_dir() -> Path:
+    """Where the toy model ships inside the package."""
+    return Path(__file__).resolve().parent / "toy_model"
+
+
+def describe(model: object) -> str:
+    """How logs and UIs name a model, labelling the bundled ones for what they are."""
+    from . import testing
+
+    if model == TOY_MODEL:
+        return f"{TOY_MODEL} ({TOY_LABEL})"
+    if model in testing.TINY_MODELS:
+        return f"{model} (untrained tiny test model: answers are arbitrary tokens)"
+    return str(model)
 
 
 def default_device() -> str:
@@ -42,8 +63,8 @@ def load(
 ) -> ModelAdapter:
     """Return the adapter (model + processor) for ``model``.
 
-    ``model`` is a hub id, a local directory, a tiny test model name (``mmsparse/tiny-...``),
-    or a loaded ``PreTrainedModel``. ``processor`` defaults to the one stored with the model.
+    ``model`` is a hub id, a local directory, the bundled toy model (``TOY_MODEL``), a tiny
+    test model name (``mmsparse/tiny-...``), or a loaded ``PreTrainedModel``. ``processor`` defaults to the one stored with the model.
     """
     from . import testing
 
@@ -52,7 +73,8 @@ def load(
         tiny_model, tiny_processor = testing.build_tiny(model)
         model, processor = tiny_model.to(device=device, dtype=_dtype_for(device, dtype)), processor or tiny_processor
     elif isinstance(model, (str, os.PathLike)):
-        model = _from_pretrained(str(model), device, dtype, from_pretrained_kwargs)
+        path = str(toy_model_dir()) if model == TOY_MODEL else str(model)
+        model = _from_pretrained(path, device, dtype, from_pretrained_kwargs)
     elif not hasattr(model, "config") or not hasattr(model, "generate"):
         raise InvalidInputError(f"model must be a hub id, a local path or a transformers model, not {type(model).__name__}")
 

@@ -7,11 +7,10 @@ from typing import Any
 
 from ..config import SparseConfig
 from ..errors import InvalidInputError
-from ..loading import load
+from ..loading import DEFAULT_MODEL, load
 from .video_qa import VideoQAPipeline
 
 TASKS: dict[str, type[VideoQAPipeline]] = {"video-qa": VideoQAPipeline}
-DEFAULT_MODEL = "mmsparse/tiny-qwen2.5-vl"
 
 
 def pipeline(
@@ -26,8 +25,8 @@ def pipeline(
 ) -> VideoQAPipeline:
     """Build an mmsparse pipeline.
 
-    ``model``: hub id, local path, loaded model, or a tiny test model name; default is the
-    untrained tiny Qwen2.5-VL (for trying the plumbing offline, not for real answers).
+    ``model``: hub id, local path, loaded model, or a bundled name; default is the toy model
+    ``mmsparse/toy-qwen2.5-vl`` (trained on synthetic needle tasks: offline demos and tests only).
     ``sparse``: False (dense, stock output), True (default preset), a preset name or a
     ``SparseConfig``. Other kwargs are sampling options (fps, nframes, max_frames, min_pixels,
     max_pixels, total_pixels, start, end) or generation kwargs used by every call.

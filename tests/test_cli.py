@@ -33,7 +33,7 @@ def test_text_output_and_default_model_warning(capsys):
     captured = capsys.readouterr()
     assert code == 0
     assert captured.out.splitlines()[1].startswith("stats: prompt_tokens=")
-    assert "untrained tiny model" in captured.err  # the default is labelled for what it is
+    assert "toy model" in captured.err and "not a general VLM" in captured.err  # labelled for what it is
 
 
 @pytest.mark.parametrize(

@@ -92,7 +92,7 @@ def test_normalize_answer(text, expected):
 
 
 def test_accepts_answer_and_aliases_only():
-    digit = next(n for n in builtin_needles() if n.name == "digit-3")
+    digit = next(n for n in builtin_needles() if n.name.startswith("digit-3-"))
     assert digit.accepts("3") and digit.accepts("Three.") and digit.accepts(" the three")
     assert not digit.accepts("33") and not digit.accepts("3 4")
 
