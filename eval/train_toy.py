@@ -117,8 +117,10 @@ class Batch:
 class TaskSampler:
     """Builds training and validation batches on the device."""
 
-    def __init__(self, processor, device: torch.device, crop: str = "random", variants: int = 6, seed: int = 0) -> None:
+    def __init__(self, processor, device: torch.device, crop: str = "random", variants: int = 64, seed: int = 0,
+                 digit_share: float | None = None) -> None:
         self.device = device
+        self.digit_share = digit_share
         self.tok = processor.tokenizer
         vp = processor.video_processor
         self.mean, self.std = list(vp.image_mean), list(vp.image_std)
@@ -152,8 +154,12 @@ class TaskSampler:
     def batch(self, groups: int, size: int, rng: random.Random) -> Batch:
         frames, ids, masks = [], [], []
         spgs = []
+        digits = [i for i, n in enumerate(self.tasks) if n.render["kind"] == "digit"]
         for _ in range(size):
-            task = rng.randrange(len(self.tasks))
+            if self.digit_share is not None and rng.random() < self.digit_share:
+                task = rng.choice(digits)
+            else:
+                task = rng.randrange(len(self.tasks))
             card = self.cards[self.card_of_task[task], rng.randrange(self.cards.shape[1])]
             hay = self.haystack.frames(groups * 2, seed=rng.randrange(2**31))
             where = rng.randrange(groups)
@@ -233,15 +239,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens-per-step", type=int, default=16384)
     parser.add_argument("--longest", type=int, default=512, help="longest haystack in temporal groups (16 tokens each)")
     parser.add_argument("--val-samples", type=int, default=48)
+    parser.add_argument("--init", type=Path, help="start from this saved toy model (fine-tuning)")
+    parser.add_argument("--digit-share", type=float, help="share of samples that ask about digit cards")
+    parser.add_argument("--val-groups", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048])
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     random.seed(args.seed)
     rng = random.Random(args.seed)
     model, processor = build_toy(args.seed)
+    if args.init is not None:
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
     use_packed_vision_attention(model)  # one SDPA call per layer instead of one per frame pair
     model.to(device).train()
-    sampler = TaskSampler(processor, device, crop="random", seed=args.seed)
+    sampler = TaskSampler(processor, device, crop="random", seed=args.seed, digit_share=args.digit_share)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     planned = args.steps or 10**9
     budget = args.minutes * 60
@@ -270,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(entry), flush=True)
     train_s = time.perf_counter() - start
     val = validate(model, TaskSampler(processor, device, crop="center", seed=args.seed + 1),
-                   [64, 128, 256, 512, 1024, 2048], args.val_samples)
+                   args.val_groups, args.val_samples)
     print("validation exact match by video tokens:", json.dumps(val), flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -284,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": step,
         "train_seconds": round(train_s, 1),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "init": str(args.init) if args.init else None,
         "torch": torch.__version__,
         "params": sum(p.numel() for p in model.parameters()),
         "validation_exact_match": val,
