@@ -43,25 +43,18 @@ QWEN2_5_VL_7B_VISION = dict(
 def qwen2_5_vl_7b(device: str | torch.device = "cuda", dtype: torch.dtype | None = None, seed: int = 0) -> tuple[PreTrainedModel, ProcessorMixin]:
     """A Qwen2.5-VL-7B-shaped model (random weights) built on ``device``, with the offline processor."""
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from mmsparse.testing import QWEN_SPECIAL_TOKENS, tiny_qwen2_5_vl
+    from mmsparse.testing import qwen2_5_vl_config, tiny_qwen2_5_vl
 
     _, processor = tiny_qwen2_5_vl()  # only its processor: tokenizer ids index into the full vocab
-    ids = {t: processor.tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    config = Qwen2_5_VLConfig(
-        text_config={**QWEN2_5_VL_7B_TEXT, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]},
-        vision_config=QWEN2_5_VL_7B_VISION,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
+    config = qwen2_5_vl_config(processor.tokenizer, QWEN2_5_VL_7B_TEXT, QWEN2_5_VL_7B_VISION)
     dtype = dtype or torch.bfloat16
     torch.manual_seed(seed)
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    tok = processor.tokenizer
+    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    model.generation_config.pad_token_id = tok.convert_tokens_to_ids("<|endoftext|>")
     model.generation_config.do_sample = False
     return model.eval(), processor

@@ -57,44 +57,12 @@ TOY_VISION = dict(
 
 def build_toy(seed: int = 0):
     """Fresh (untrained) toy model and its processor."""
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
-
-    from mmsparse.testing import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, _generation_config, build_tokenizer
+    from mmsparse.testing import QWEN_SPECIAL_TOKENS, build_qwen2_5_vl, build_tokenizer
 
     corpus = " ".join(f"{n.question} {n.answer} {' '.join(n.aliases)}" for n in builtin_needles() + caption_needles())
     tokenizer = build_tokenizer(QWEN_SPECIAL_TOKENS, vocab_size=640, corpus=corpus)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    config = Qwen2_5_VLConfig(
-        text_config={
-            **TOY_TEXT,
-            "vocab_size": len(tokenizer),
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-        },
-        vision_config=TOY_VISION,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config = _generation_config(tokenizer)
-    pixels = {"shortest_edge": FRAME * FRAME, "longest_edge": FRAME * FRAME}
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=FRAME * FRAME, max_pixels=FRAME * FRAME),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(size=pixels),
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
-    return model, processor
+    model, processor = build_qwen2_5_vl(tokenizer, TOY_TEXT, TOY_VISION, seed=seed, frame_pixels=FRAME * FRAME)
+    return model.train(), processor
 
 
 def patchify(frames: torch.Tensor, mean: list[float], std: list[float], patch: int = 14, merge: int = 2, temporal: int = 2) -> torch.Tensor:

@@ -96,57 +96,63 @@ def _generation_config(tokenizer) -> Any:
     return GenerationConfig(eos_token_id=eos, pad_token_id=eos[1], do_sample=False)
 
 
-def tiny_qwen2_5_vl(seed: int = 0, max_position_embeddings: int = 8192) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """A 2-layer Qwen2.5-VL with a 2-block vision tower and its offline processor."""
-    import torch
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+def qwen2_5_vl_config(tokenizer, text: dict[str, Any], vision: dict[str, Any]):
+    """A ``Qwen2_5_VLConfig`` of the given shapes whose special-token ids are ``tokenizer``'s."""
+    from transformers import Qwen2_5_VLConfig
 
-    tokenizer = build_tokenizer(QWEN_SPECIAL_TOKENS)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=max_position_embeddings,
-            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-        ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=64,
-            window_size=56,
-            fullatt_block_indexes=[1],
-        ),
+    return Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            **text,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
+
+
+def qwen2_5_vl_processor(tokenizer, frame_pixels: int | None = None):
+    """The offline Qwen2.5-VL processor; ``frame_pixels`` pins every frame to that many pixels."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    if frame_pixels is None:
+        image, video = Qwen2VLImageProcessor(), Qwen2VLVideoProcessor()
+    else:
+        image = Qwen2VLImageProcessor(min_pixels=frame_pixels, max_pixels=frame_pixels)
+        video = Qwen2VLVideoProcessor(size={"shortest_edge": frame_pixels, "longest_edge": frame_pixels})
+    return Qwen2_5_VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video, chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def build_qwen2_5_vl(tokenizer, text: dict[str, Any], vision: dict[str, Any], seed: int = 0, frame_pixels: int | None = None):
+    """A randomly initialised Qwen2.5-VL of the given shapes and its offline processor."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model = Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(tokenizer, text, vision)).eval()
     model.generation_config = _generation_config(tokenizer)
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(),
-        chat_template=QWEN_CHAT_TEMPLATE,
+    return model, qwen2_5_vl_processor(tokenizer, frame_pixels)
+
+
+def tiny_qwen2_5_vl(seed: int = 0, max_position_embeddings: int = 8192) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A 2-layer Qwen2.5-VL with a 2-block vision tower and its offline processor."""
+    text = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
+        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
     )
-    return model, processor
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, window_size=56, fullatt_block_indexes=[1])
+    return build_qwen2_5_vl(build_tokenizer(QWEN_SPECIAL_TOKENS), text, vision, seed=seed)
 
 
 def tiny_llava_onevision(seed: int = 0, max_position_embeddings: int = 8192) -> tuple[PreTrainedModel, ProcessorMixin]:

@@ -52,3 +52,16 @@ def test_vniah_small_grid_dense_accuracy(tmp_path):
     (dense,) = summary["configs"]
     assert dense["config"] == "dense" and summary["cells"] == 12
     assert dense["accuracy"] >= 0.95
+
+
+def test_training_recipe_rebuilds_the_shipped_architecture(toy_pipe):
+    """train_toy.build_toy() makes the same tokenizer, config shapes and processor as shipped."""
+    from mmsparse.eval.train_toy import build_toy
+
+    model, processor = build_toy()
+    assert processor.tokenizer.get_vocab() == toy_pipe.processor.tokenizer.get_vocab()
+    fresh, shipped = model.config.to_diff_dict(), toy_pipe.model.config.to_diff_dict()
+    for key in ("text_config", "vision_config"):
+        for field in ("hidden_size", "num_hidden_layers", "depth", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+            assert fresh[key].get(field) == shipped[key].get(field), (key, field)
+    assert processor.video_processor.size["longest_edge"] == toy_pipe.processor.video_processor.size["longest_edge"]
