@@ -86,6 +86,11 @@ def normalize_answer(text: str) -> str:
     return " ".join(words)
 
 
+def card_key(render: dict[str, Any]) -> str:
+    """A hashable identity of a rendered card (same drawing instructions, same key)."""
+    return json.dumps(render, sort_keys=True)
+
+
 def caption_of(render: dict[str, Any]) -> str:
     """The short caption a rendered card should get."""
     kind = render["kind"]
@@ -128,7 +133,7 @@ def caption_needles() -> list[Needle]:
     """One captioning needle per distinct card."""
     seen: dict[str, Needle] = {}
     for n in builtin_needles():
-        key = json.dumps(n.render, sort_keys=True)
+        key = card_key(n.render)
         if key not in seen:
             seen[key] = Needle(f"{n.name}-caption", QUESTIONS["caption"], caption_of(n.render), n.render)
     return list(seen.values())

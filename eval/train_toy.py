@@ -28,7 +28,7 @@ import torch
 from mmsparse.vision_attention import use_packed_vision_attention
 
 from .haystack import Haystack
-from .needles import Needle, builtin_needles, caption_needles
+from .needles import Needle, builtin_needles, caption_needles, card_key
 
 FRAME = 112
 TOKENS_PER_GROUP = (FRAME // 28) ** 2
@@ -95,7 +95,7 @@ class TaskSampler:
         self.haystack = Haystack(FRAME, fps=25.0, crop=crop)
         self.haystack.clips = [clip.to(device) for clip in self.haystack.clips]
         self.tasks: list[Needle] = builtin_needles() + caption_needles()
-        cards = {json.dumps(n.render, sort_keys=True) for n in self.tasks}
+        cards = {card_key(n.render) for n in self.tasks}
         self.card_keys = sorted(cards)
         rng = random.Random(seed)
         pictures = [
@@ -104,7 +104,7 @@ class TaskSampler:
             for _ in range(variants)
         ]
         self.cards = torch.stack(pictures).to(device).view(len(self.card_keys), variants, FRAME, FRAME, 3)
-        self.card_of_task = [self.card_keys.index(json.dumps(n.render, sort_keys=True)) for n in self.tasks]
+        self.card_of_task = [self.card_keys.index(card_key(n.render)) for n in self.tasks]
         self.video_pad = self.tok.convert_tokens_to_ids("<|video_pad|>")
         self.im_end = self.tok.convert_tokens_to_ids("<|im_end|>")
         self.pad = self.tok.convert_tokens_to_ids("<|endoftext|>")

@@ -50,18 +50,17 @@ class VideoQAPipeline(Pipeline):
             raise InvalidInputError("the video-qa pipeline needs a processor; pass processor= or load with mmsparse.pipeline")
         self.adapter = adapter or adapter_class(model.config.model_type)(model, processor)
         self.sparse_config = resolve_sparse(sparse)
-        given = {k: kwargs.pop(k) for k in list(kwargs) if k in SAMPLING_KEYS}
+        given = _take(kwargs, SAMPLING_KEYS)
         self.sampling = SamplingOptions(**{**self.adapter.sampling_defaults(), **given})
-        self.video_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in VIDEO_KEYS}
+        self.video_kwargs = _take(kwargs, VIDEO_KEYS)
         kwargs.pop("tokenizer", None)
         super().__init__(model=model, processor=processor, tokenizer=processor.tokenizer, **kwargs)
 
     # -- call -----------------------------------------------------------------------------
     def __call__(self, video: Any, question: str | None = None, *, questions: list[str] | None = None, **kwargs: Any):
         asked = _questions(question, questions)
-        sampling = {k: kwargs.pop(k) for k in list(kwargs) if k in SAMPLING_KEYS}
-        options = replace(self.sampling, **sampling)  # validated on construction
-        video_kwargs = {**self.video_kwargs, **{k: kwargs.pop(k) for k in list(kwargs) if k in VIDEO_KEYS}}
+        options = replace(self.sampling, **_take(kwargs, SAMPLING_KEYS))  # validated on construction
+        video_kwargs = {**self.video_kwargs, **_take(kwargs, VIDEO_KEYS)}
         system_prompt = kwargs.get("system_prompt", self._preprocess_params.get("system_prompt"))
         new_tokens = kwargs.get("max_new_tokens", self._forward_params["generate_kwargs"].get("max_new_tokens"))
         started = time.perf_counter()
@@ -162,6 +161,11 @@ class VideoQAPipeline(Pipeline):
         if return_layout:
             out["layout"] = model_outputs["layout"]
         return out
+
+
+def _take(kwargs: dict[str, Any], keys: frozenset[str]) -> dict[str, Any]:
+    """Remove and return the entries of ``kwargs`` named in ``keys``."""
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in keys}
 
 
 def _questions(question: str | None, questions: list[str] | None) -> list[str]:
