@@ -1,0 +1,170 @@
+"""Index builders: each sparse pattern as a ``SparseIndex`` (vectorised torch, no loops over heads
+or blocks). Budgets are whole blocks: a band of ``local`` tokens covers every block it touches.
+
+* ``a_shape``: sink blocks + a local band (in the rows' current order, so after a permutation it
+  is a band in the permuted order: that is how the grid pattern is computed, see ``permute.py``).
+* ``vertical_slash``: top-k key columns and top-k diagonals from the last queries' attention.
+* ``block_topk``: top-k (or cumulative mass ``gamma``) key blocks per query block from
+  mean-pooled Q and K.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .index import SparseIndex, TokenOrder, compile_block_mask
+
+
+def _block_rows(n_rows: int, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    first = torch.arange(0, n_rows, block, device=device)
+    return first, (first + block - 1).clamp(max=n_rows - 1)
+
+
+def band_mask(order: TokenOrder, *, sink: int, local: int, shifts: tuple[int, ...] = (0,)) -> torch.Tensor:
+    """[1, 1, NQ, NK] blocks touching the first ``sink`` rows of K or a band of ``local`` rows of
+    K ending ``shift`` rows before each query row (row indices in the current order; the query
+    chunk is bottom-right aligned with K)."""
+    mq, mk = order.q_pos.shape[1], order.k_pos.shape[1]
+    dev = order.q_pos.device
+    q_first, q_last = _block_rows(mq, order.block_m, dev)
+    k_first, k_last = _block_rows(mk, order.block_n, dev)
+    offset = mk - mq
+    mask = (k_first < sink)[None, :].expand(len(q_first), -1).clone()
+    for shift in shifts:  # a handful of bands, not a loop over blocks
+        lo = q_first[:, None] + offset - shift - local + 1
+        hi = q_last[:, None] + offset - shift
+        mask |= (k_last[None, :] >= lo) & (k_first[None, :] <= hi)
+    return mask[None, None]
+
+
+def a_shape(order: TokenOrder, *, sink: int = 128, local: int = 4096, heads: int = 1) -> SparseIndex:
+    """Sink + local window ("streaming" heads)."""
+    return compile_block_mask(band_mask(order, sink=sink, local=local).expand(order.q_pos.shape[0], heads, -1, -1), order)
+
+
+def last_query_scores(q: torch.Tensor, k: torch.Tensor, order: TokenOrder, last_q: int, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of each sequence's last ``last_q`` valid queries over all keys:
+    ([B, Hq, last_q, Mk] float32, their positions [B, last_q]). GQA by reshaping, not copying."""
+    bsz, hq, mq, d = q.shape
+    hkv = k.shape[1]
+    n = min(last_q, mq)
+    q_len = (order.q_pos >= 0).sum(1)  # valid rows come first (right padding)
+    rows = (q_len[:, None] - n + torch.arange(n, device=q.device)[None]).clamp(min=0)  # [B, n]
+    q_last = q.gather(2, rows[:, None, :, None].expand(bsz, hq, n, d))
+    pos = order.q_pos.gather(1, rows)
+    s = torch.einsum("bgrqd,bgkd->bgrqk", q_last.view(bsz, hkv, hq // hkv, n, d).float(), k.float())
+    s = s.reshape(bsz, hq, n, -1) * (scale or 1.0 / math.sqrt(d))
+    s = s.masked_fill(order.k_pos[:, None, None, :] > pos[:, None, :, None], float("-inf"))
+    return s.softmax(-1), pos
+
+
+def diagonal_sums(p: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Sum of scores along each diagonal: out[..., d] = sum_i p[..., i, pos_i - d], for queries at
+    consecutive positions ``pos`` [B, n] and keys in natural order. Skews the rows with one
+    strided view per batch element instead of an index tensor as large as the scores."""
+    bsz, h, n, mk = p.shape
+    out = p.new_zeros((bsz, h, mk))
+    for b in range(bsz):  # batch elements may end at different positions
+        p0 = int(pos[b, 0])
+        span = min(mk, p0 + n)  # larger offsets reach before key 0 for every query
+        flip = torch.nn.functional.pad(p[b].flip(-1), (n, n))  # [h, n, mk + 2n]; flip[i, n + u] = p[i, mk-1-u]
+        width = mk + 2 * n
+        c = mk - 1 - p0  # p[i, p0 + i - d] = flip[i, n + c - i + d]; out-of-range keys land in the zero pads
+        skew = flip.as_strided((h, n, span), (n * width, width - 1, 1), flip.storage_offset() + n + c)
+        out[b, :, :span] = skew.sum(1)
+    return out
+
+
+def vertical_slash(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    order: TokenOrder,
+    *,
+    vertical: int = 1000,
+    slash: int = 2048,
+    last_q: int = 64,
+    sink_columns: int = 30,
+    near_diagonals: int = 100,
+) -> SparseIndex:
+    """MInference-style vertical-slash index from the last queries, per query head. Natural token
+    order only. Diagonals become block runs; columns stay single columns."""
+    p, pos = last_query_scores(q, k, order, last_q)
+    bsz, hq, _, mk = p.shape
+    dev = q.device
+    v_score = p.sum(2)
+    v_score = v_score.masked_fill(order.k_pos[:, None, :] < sink_columns, float("inf"))
+    columns = v_score.topk(min(vertical, mk), -1).indices.sort(-1).values.to(torch.int32)
+    column_count = torch.searchsorted(columns, order.q_max[:, None, :].expand(-1, hq, -1).contiguous(), right=True)
+
+    s_score = diagonal_sums(p, pos)
+    s_score[..., : min(near_diagonals, mk)] = float("inf")
+    diags = s_score.topk(min(slash, mk), -1).indices  # [B, H, S] diagonal offsets d = q_pos - k_pos
+    # A diagonal d covers, for the query block starting at row position qlo, keys [qlo - d, qlo - d + BM - 1].
+    # With qlo = a * BN + r + qb * BM (natural order), the covered key blocks sit at fixed block offsets
+    # from qb, so one [B, H, offsets] map, gathered on (qb, kb), gives the block mask.
+    bm, bn = order.block_m, order.block_n
+    nq, nk = order.num_q_blocks, order.num_k_blocks
+    if bm % bn:
+        raise ValueError(f"vertical_slash needs block_m ({bm}) to be a multiple of block_n ({bn})")
+    start = order.q_pos[:, 0].clamp(min=0)  # position of query row 0 [B]
+    a, r = start // bn, start % bn
+    span = bm // bn + 2
+    lo = torch.div(r[:, None, None] - diags, bn, rounding_mode="floor")  # first covered block, minus (qb*BM/BN + a)
+    step = torch.arange(span, device=dev)
+    cover = lo[..., None] + step  # [B, H, S, span]
+    ok = cover * bn <= (r[:, None, None] - diags)[..., None] + bm - 1
+    shift = nk + span  # offsets are in [-nk - span, span): store them shifted to be non-negative
+    table = torch.zeros((bsz, hq, shift + span + 1), dtype=torch.bool, device=dev)
+    table.scatter_(-1, torch.where(ok, cover + shift, shift + span).flatten(2), True)
+    table[..., shift + span] = False
+    qb = torch.arange(nq, device=dev)
+    kb = torch.arange(nk, device=dev)
+    # key block = qb * BM / BN + a + offset  =>  offset = kb - a - qb * BM / BN (exact when BM % BN == 0)
+    offset = kb[None, None, :] - a[:, None, None] - (qb * (bm // bn))[None, :, None]  # [B, NQ, NK]
+    offset = (offset + shift).clamp(0, shift + span)
+    mask = table.gather(-1, offset.flatten(1)[:, None, :].expand(bsz, hq, -1)).view(bsz, hq, nq, nk)
+    return compile_block_mask(mask, order, columns, column_count.to(torch.int32))
+
+
+def block_topk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    order: TokenOrder,
+    *,
+    top_k: int | None = None,
+    gamma: float | None = None,
+    sink_blocks: int = 1,
+) -> SparseIndex:
+    """Key blocks per query block by mean-pooled scores: the ``top_k`` best, or the fewest whose
+    estimated softmax mass reaches ``gamma``. The first ``sink_blocks`` and every block crossing
+    the causal boundary are always kept."""
+    if (top_k is None) == (gamma is None):
+        raise ValueError("give exactly one of top_k and gamma")
+    bsz, hq, mq, d = q.shape
+    hkv, mk = k.shape[1], k.shape[2]
+    bm, bn = order.block_m, order.block_n
+    nq, nk = order.num_q_blocks, order.num_k_blocks
+    qv = (order.q_pos >= 0).to(q.dtype)
+    kv = (order.k_pos != 2**31 - 1).to(k.dtype)
+    qp = torch.nn.functional.pad(q * qv[:, None, :, None], (0, 0, 0, nq * bm - mq)).view(bsz, hq, nq, bm, d).float().sum(3)
+    kp = torch.nn.functional.pad(k * kv[:, None, :, None], (0, 0, 0, nk * bn - mk)).view(bsz, hkv, nk, bn, d).float().sum(3)
+    qn = torch.nn.functional.pad(qv, (0, nq * bm - mq)).view(bsz, nq, bm).float().sum(-1).clamp(min=1)
+    kn = torch.nn.functional.pad(kv, (0, nk * bn - mk)).view(bsz, nk, bn).float().sum(-1).clamp(min=1)
+    qp, kp = qp / qn[:, None, :, None], kp / kn[:, None, :, None]
+    s = torch.einsum("bgrqd,bgkd->bgrqk", qp.view(bsz, hkv, hq // hkv, nq, d), kp).reshape(bsz, hq, nq, nk)
+    visible, full = order.block_visibility()
+    s = (s / math.sqrt(d)).masked_fill(~visible[:, None], float("-inf"))
+    keep = (visible & ~full)[:, None] | (torch.arange(nk, device=q.device) < sink_blocks)
+    s = s.masked_fill(keep, float("inf"))
+    if top_k is not None:
+        chosen = s.topk(min(top_k, nk), -1).indices
+        mask = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, chosen, True) | keep
+    else:
+        prob = s.masked_fill(keep, float("-inf")).softmax(-1).nan_to_num(0.0)
+        sorted_p, order_idx = prob.sort(-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the better blocks
+        take = before < gamma
+        mask = torch.zeros_like(take).scatter_(-1, order_idx, take) | keep
+    return compile_block_mask(mask, order)

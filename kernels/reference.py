@@ -1,0 +1,71 @@
+"""Plain PyTorch references with the kernels' exact semantics (for tests; memory O(Mq x Mk))."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .index import SparseIndex, TokenOrder
+
+
+def index_token_mask(index: SparseIndex, order: TokenOrder) -> torch.Tensor:
+    """[B, H, Mq, Mk] booleans: the tokens the index makes a query compute, after causality.
+    Built from the block and column lists (not from ``block_mask``), so it checks them."""
+    b, h, nq, _ = index.blocks.shape
+    mq, mk = order.q_pos.shape[1], order.k_pos.shape[1]
+    nk = order.num_k_blocks
+    slot = torch.arange(index.blocks.shape[-1], device=index.blocks.device)
+    listed = slot < index.block_count[..., None]
+    block_map = torch.zeros((b, h, nq, nk + 1), dtype=torch.bool, device=index.blocks.device)
+    block_map.scatter_(-1, torch.where(listed, index.blocks.long(), nk), True)
+    block_map = block_map[..., :nk]
+    tokens = block_map.repeat_interleave(index.block_m, 2)[:, :, :mq]
+    tokens = tokens.repeat_interleave(index.block_n, 3)[..., :mk]
+    if index.columns.shape[-1]:
+        c = index.columns.shape[-1]
+        take = torch.arange(c, device=index.columns.device) < index.column_count[..., None]  # [B, H', NQ, C]
+        cols = torch.zeros((b, take.shape[1], nq, mk + 1), dtype=torch.bool, device=index.columns.device)
+        idx = torch.where(take, index.columns[:, :, None, :].long().expand_as(take), mk)
+        cols.scatter_(-1, idx, True)
+        tokens = tokens | cols[..., :mk].repeat_interleave(index.block_m, 2)[:, :, :mq]
+    causal = order.k_pos[:, None, None, :] <= order.q_pos[:, None, :, None]
+    return tokens & causal
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    scale: float | None = None,
+    head_map: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention under a boolean mask [B, H or 1, Mq, Mk] in float32. Returns the output
+    [B, Mq, Hq, D] (zero rows where nothing is visible) and the natural-log LSE [B, Hq, Mq]."""
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+    kv_of = head_map.long() if head_map is not None else torch.arange(hq, device=q.device) // (hq // hkv)
+    kf, vf = k.float()[:, kv_of], v.float()[:, kv_of]
+    s = torch.einsum("bhqd,bhkd->bhqk", q.float(), kf) * (scale or 1.0 / math.sqrt(d))
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    out = torch.einsum("bhqk,bhkd->bhqd", p, vf)
+    return out.transpose(1, 2), lse
+
+
+def reference_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: SparseIndex,
+    order: TokenOrder,
+    *,
+    scale: float | None = None,
+    head_map: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``sparse_attention(..., return_lse=True)`` computes, with padding rows zeroed."""
+    out, lse = masked_attention(q, k, v, index_token_mask(index, order), scale=scale, head_map=head_map)
+    pad = (order.q_pos < 0)[:, :, None, None]
+    return out.masked_fill(pad, 0.0), lse

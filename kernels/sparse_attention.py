@@ -1,0 +1,194 @@
+"""Block-sparse + column-sparse causal attention in Triton (FlashAttention-2 style forward).
+
+One program per (query block, batch x query head): all heads in one launch, GQA inside the
+kernel (query head ``h`` reads KV head ``h // group``, or ``head_map[h]``; no ``repeat_kv``).
+Three loops over one online softmax: the fully visible key blocks (no mask, no bounds checks),
+the partially visible ones (masked on positions), then the extra key columns (gathered rows).
+Semantics, index format and positions: ``index.py``. Reference: ``reference.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .index import SparseIndex, TokenOrder
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, k_ptrs, v_ptrs, visible, qk_scale, MASKED: tl.constexpr, load_mask):
+    if MASKED:
+        k = tl.load(k_ptrs, mask=load_mask[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=load_mask[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    if MASKED:
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _sparse_attention_fwd(
+    Q, K, V, O, LSE, QPOS, KPOS, BLOCKS, BLOCK_COUNT, FULL_COUNT, BLOCK_MASK, COLUMNS, COLUMN_COUNT, HEAD_MAP,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_ib, stride_ih, stride_iq,  # blocks / block_mask share B, H, NQ strides up to the last axis
+    stride_mb, stride_mh, stride_mq,
+    stride_cb, stride_ch,
+    stride_nb, stride_nh,  # counts [B, H, NQ]
+    H, GROUP, MQ, MK, NQ, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_COLUMNS: tl.constexpr, HAS_HEAD_MAP: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    qb = NQ - 1 - tl.program_id(0)  # heaviest (latest) query blocks first
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    if HAS_HEAD_MAP:
+        kvh = tl.load(HEAD_MAP + h)
+    else:
+        kvh = h // GROUP
+
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < MQ
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    q_pos = tl.load(QPOS + b * MQ + offs_m, mask=row_ok, other=-1)
+
+    k_base = K + b * stride_kb + kvh * stride_kh + offs_d[None, :]
+    v_base = V + b * stride_vb + kvh * stride_vh + offs_d[None, :]
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked rows stay NaN-free
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    row = BLOCKS + b * stride_ib + h * stride_ih + qb * stride_iq
+    count_at = b * stride_nb + h * stride_nh + qb
+    n_blocks = tl.load(BLOCK_COUNT + count_at)
+    n_full = tl.load(FULL_COUNT + count_at)
+    for j in range(0, n_full):
+        start = tl.load(row + j) * BLOCK_N
+        keys = start + offs_n
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base + keys[:, None] * stride_kn,
+                                v_base + keys[:, None] * stride_vn, None, qk_scale, False, None)
+    for j in range(n_full, n_blocks):
+        start = tl.load(row + j) * BLOCK_N
+        keys = start + offs_n
+        k_ok = keys < MK
+        k_pos = tl.load(KPOS + b * MK + keys, mask=k_ok, other=2147483647)
+        visible = k_pos[None, :] <= q_pos[:, None]
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base + keys[:, None] * stride_kn,
+                                v_base + keys[:, None] * stride_vn, visible, qk_scale, True, k_ok)
+    if HAS_COLUMNS:
+        n_cols = tl.load(COLUMN_COUNT + count_at)
+        col_row = COLUMNS + b * stride_cb + h * stride_ch
+        mask_row = BLOCK_MASK + b * stride_mb + h * stride_mh + qb * stride_mq
+        for c in range(0, n_cols, BLOCK_N):
+            at = c + offs_n
+            keys = tl.load(col_row + at, mask=at < n_cols, other=0)
+            in_block = tl.load(mask_row + keys // BLOCK_N, mask=at < n_cols, other=1).to(tl.int1)
+            k_ok = (at < n_cols) & (keys < MK) & (in_block == 0)
+            k_pos = tl.load(KPOS + b * MK + keys, mask=k_ok, other=2147483647)
+            visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base + keys[:, None] * stride_kn,
+                                    v_base + keys[:, None] * stride_vn, visible, qk_scale, True, k_ok)
+
+    seen = (l_i > 0) & (q_pos >= 0)  # padding rows may have summed keys in full blocks: drop them
+    out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    if WRITE_LSE:
+        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        tl.store(LSE + bh * MQ + offs_m, lse, mask=row_ok)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: TokenOrder, index: SparseIndex) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"expected q [B, Hq, Mq, D] and k, v [B, Hkv, Mk, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim, or "
+                         "the query heads are not a multiple of the KV heads")
+    if q.shape[-1] not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head_dim {q.shape[-1]} is not supported; use one of 16, 32, 64, 128, 256")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("the last dimension of q, k and v must be contiguous")
+    if (order.block_m, order.block_n) != (index.block_m, index.block_n):
+        raise ValueError(f"index blocks {index.block_m}x{index.block_n} differ from the token order's "
+                         f"{order.block_m}x{order.block_n}")
+    if order.q_pos.shape != (q.shape[0], q.shape[2]) or order.k_pos.shape != (k.shape[0], k.shape[2]):
+        raise ValueError(f"token order covers {tuple(order.q_pos.shape)} queries and {tuple(order.k_pos.shape)} "
+                         f"keys but q has {q.shape[2]} rows and k {k.shape[2]}")
+    if index.blocks.shape[1] not in (1, q.shape[1]):
+        raise ValueError(f"index has {index.blocks.shape[1]} heads; use 1 or the {q.shape[1]} query heads")
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: SparseIndex,
+    order: TokenOrder,
+    *,
+    scale: float | None = None,
+    head_map: torch.Tensor | None = None,
+    return_lse: bool = False,
+    out: torch.Tensor | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sparse causal attention. q [B, Hq, Mq, D], k/v [B, Hkv, Mk, D] (any strides with a
+    contiguous last axis). Returns [B, Mq, Hq, D] (the layout transformers' attention functions
+    return), or write into ``out`` of that shape; with ``return_lse`` also the natural-log
+    log-sum-exp [B, Hq, Mq] in float32 (-inf for rows that see nothing), for merging partials."""
+    _check(q, k, v, order, index)
+    bsz, hq, mq, d = q.shape
+    hkv, mk = k.shape[1], k.shape[2]
+    if out is None:
+        out = torch.empty((bsz, mq, hq, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((bsz, hq, mq), dtype=torch.float32, device=q.device) if return_lse else out
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    nq = order.num_q_blocks
+    bi, bm, cc, nc = index.blocks, index.block_mask, index.columns, index.block_count
+
+    def hstride(t: torch.Tensor, axis: int = 1) -> int:
+        return 0 if t.shape[axis] == 1 else t.stride(axis)
+
+    has_cols = cc.shape[-1] > 0
+    if num_warps is None:
+        num_warps = 8 if index.block_m * index.block_n >= 128 * 64 and q.is_cuda else 4
+    if num_stages is None:
+        num_stages = 3 if q.is_cuda else 1
+    grid = (nq, bsz * hq)
+    _sparse_attention_fwd[grid](
+        q, k, v, out, lse, order.q_pos, order.k_pos, bi, nc, index.full_count, bm, cc, index.column_count,
+        head_map if head_map is not None else nc,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(2), out.stride(1),
+        bi.stride(0), hstride(bi), bi.stride(2),
+        bm.stride(0), hstride(bm), bm.stride(2),
+        cc.stride(0), hstride(cc),
+        nc.stride(0), hstride(nc),
+        hq, hq // hkv, mq, mk, nq, scale * LOG2E,
+        HEAD_DIM=d, BLOCK_M=index.block_m, BLOCK_N=index.block_n,
+        HAS_COLUMNS=has_cols, HAS_HEAD_MAP=head_map is not None, WRITE_LSE=return_lse,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return (out, lse) if return_lse else out
