@@ -91,8 +91,7 @@ def vertical_slash(
     """MInference-style vertical-slash index from the last queries, per query head. Natural token
     order only. Diagonals become block runs; columns stay single columns."""
     p, pos = last_query_scores(q, k, order, last_q)
-    bsz, hq, _, mk = p.shape
-    dev = q.device
+    hq, mk = p.shape[1], p.shape[-1]
     v_score = p.sum(2)
     v_score = v_score.masked_fill(order.k_pos[:, None, :] < sink_columns, float("inf"))
     columns = v_score.topk(min(vertical, mk), -1).indices.sort(-1).values.to(torch.int32)
@@ -101,31 +100,36 @@ def vertical_slash(
     s_score = diagonal_sums(p, pos)
     s_score[..., : min(near_diagonals, mk)] = float("inf")
     diags = s_score.topk(min(slash, mk), -1).indices  # [B, H, S] diagonal offsets d = q_pos - k_pos
-    # A diagonal d covers, for the query block starting at row position qlo, keys [qlo - d, qlo - d + BM - 1].
-    # With qlo = a * BN + r + qb * BM (natural order), the covered key blocks sit at fixed block offsets
-    # from qb, so one [B, H, offsets] map, gathered on (qb, kb), gives the block mask.
+    mask = slash_block_mask(diags, order)
+    return compile_block_mask(mask, order, columns, column_count.to(torch.int32))
+
+
+def slash_block_mask(diags: torch.Tensor, order: TokenOrder) -> torch.Tensor:
+    """[B, H, NQ, NK] key blocks covered by the diagonals ``diags`` [B, H, S] (offsets
+    d = q_pos - k_pos >= 0), natural order. A diagonal covers, for the query block starting at
+    position qlo, keys [qlo - d, qlo - d + BM - 1]; with qlo = a * BN + r + qb * BM those blocks sit
+    at fixed offsets from qb, so one [B, H, offsets] table, gathered on (qb, kb), gives the mask."""
+    bsz, hq, _ = diags.shape
+    dev = diags.device
     bm, bn = order.block_m, order.block_n
-    nq, nk = order.num_q_blocks, order.num_k_blocks
     if bm % bn:
-        raise ValueError(f"vertical_slash needs block_m ({bm}) to be a multiple of block_n ({bn})")
+        raise ValueError(f"slash patterns need block_m ({bm}) to be a multiple of block_n ({bn})")
+    nq, nk = order.num_q_blocks, order.num_k_blocks
     start = order.q_pos[:, 0].clamp(min=0)  # position of query row 0 [B]
     a, r = start // bn, start % bn
     span = bm // bn + 2
-    lo = torch.div(r[:, None, None] - diags, bn, rounding_mode="floor")  # first covered block, minus (qb*BM/BN + a)
-    step = torch.arange(span, device=dev)
-    cover = lo[..., None] + step  # [B, H, S, span]
+    lo = torch.div(r[:, None, None] - diags, bn, rounding_mode="floor")  # first covered block - (qb * BM / BN + a)
+    cover = lo[..., None] + torch.arange(span, device=dev)  # [B, H, S, span]
     ok = cover * bn <= (r[:, None, None] - diags)[..., None] + bm - 1
-    shift = nk + span  # offsets are in [-nk - span, span): store them shifted to be non-negative
+    shift = nk + span  # offsets lie in [-nk, span): shift them to be non-negative; slot shift + span is a bin
     table = torch.zeros((bsz, hq, shift + span + 1), dtype=torch.bool, device=dev)
     table.scatter_(-1, torch.where(ok, cover + shift, shift + span).flatten(2), True)
     table[..., shift + span] = False
     qb = torch.arange(nq, device=dev)
     kb = torch.arange(nk, device=dev)
-    # key block = qb * BM / BN + a + offset  =>  offset = kb - a - qb * BM / BN (exact when BM % BN == 0)
     offset = kb[None, None, :] - a[:, None, None] - (qb * (bm // bn))[None, :, None]  # [B, NQ, NK]
     offset = (offset + shift).clamp(0, shift + span)
-    mask = table.gather(-1, offset.flatten(1)[:, None, :].expand(bsz, hq, -1)).view(bsz, hq, nq, nk)
-    return compile_block_mask(mask, order, columns, column_count.to(torch.int32))
+    return table.gather(-1, offset.flatten(1)[:, None, :].expand(bsz, hq, -1)).view(bsz, hq, nq, nk)
 
 
 def block_topk(

@@ -21,13 +21,7 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, k_ptrs, v_ptrs, visible, qk_scale, MASKED: tl.constexpr, load_mask):
-    if MASKED:
-        k = tl.load(k_ptrs, mask=load_mask[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=load_mask[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+def _attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED: tl.constexpr):
     qk = tl.dot(q, tl.trans(k)) * qk_scale
     if MASKED:
         qk = tl.where(visible, qk, float("-inf"))
@@ -40,8 +34,28 @@ def _attend(acc, m_i, l_i, q, k_ptrs, v_ptrs, visible, qk_scale, MASKED: tl.cons
 
 
 @triton.jit
+def _attend(acc, m_i, l_i, q, k_ptrs, v_ptrs, visible, qk_scale, MASKED: tl.constexpr, load_mask):
+    if MASKED:
+        k = tl.load(k_ptrs, mask=load_mask[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=load_mask[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    return _attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED)
+
+
+@triton.jit
+def _attend_tma(acc, m_i, l_i, q, k_desc, v_desc, b, kvh, start, visible, qk_scale, MASKED: tl.constexpr,
+                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # The copy engine zero-fills rows past the end: no bounds masks even on partial blocks.
+    k = k_desc.load([b, kvh, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+    v = v_desc.load([b, kvh, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+    return _attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED)
+
+
+@triton.jit
 def _sparse_attention_fwd(
-    Q, K, V, O, LSE, QPOS, KPOS, BLOCKS, BLOCK_COUNT, FULL_COUNT, BLOCK_MASK, COLUMNS, COLUMN_COUNT, HEAD_MAP,
+    Q, K, V, KD, VD, O, LSE, QPOS, KPOS, BLOCKS, BLOCK_COUNT, FULL_COUNT, BLOCK_MASK, COLUMNS, COLUMN_COUNT, HEAD_MAP,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -52,7 +66,7 @@ def _sparse_attention_fwd(
     stride_nb, stride_nh,  # counts [B, H, NQ]
     H, GROUP, MQ, MK, NQ, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_COLUMNS: tl.constexpr, HAS_HEAD_MAP: tl.constexpr, WRITE_LSE: tl.constexpr,
+    HAS_COLUMNS: tl.constexpr, HAS_HEAD_MAP: tl.constexpr, WRITE_LSE: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     qb = NQ - 1 - tl.program_id(0)  # heaviest (latest) query blocks first
     bh = tl.program_id(1)
@@ -83,17 +97,23 @@ def _sparse_attention_fwd(
     n_full = tl.load(FULL_COUNT + count_at)
     for j in range(0, n_full):
         start = tl.load(row + j) * BLOCK_N
-        keys = start + offs_n
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base + keys[:, None] * stride_kn,
-                                v_base + keys[:, None] * stride_vn, None, qk_scale, False, None)
+        if USE_TMA:
+            acc, m_i, l_i = _attend_tma(acc, m_i, l_i, q, KD, VD, b, kvh, start, None, qk_scale, False, BLOCK_N, HEAD_DIM)
+        else:
+            keys = start + offs_n
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base + keys[:, None] * stride_kn,
+                                    v_base + keys[:, None] * stride_vn, None, qk_scale, False, None)
     for j in range(n_full, n_blocks):
         start = tl.load(row + j) * BLOCK_N
         keys = start + offs_n
         k_ok = keys < MK
         k_pos = tl.load(KPOS + b * MK + keys, mask=k_ok, other=2147483647)
         visible = k_pos[None, :] <= q_pos[:, None]
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base + keys[:, None] * stride_kn,
-                                v_base + keys[:, None] * stride_vn, visible, qk_scale, True, k_ok)
+        if USE_TMA:
+            acc, m_i, l_i = _attend_tma(acc, m_i, l_i, q, KD, VD, b, kvh, start, visible, qk_scale, True, BLOCK_N, HEAD_DIM)
+        else:
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base + keys[:, None] * stride_kn,
+                                    v_base + keys[:, None] * stride_vn, visible, qk_scale, True, k_ok)
     if HAS_COLUMNS:
         n_cols = tl.load(COLUMN_COUNT + count_at)
         col_row = COLUMNS + b * stride_cb + h * stride_ch
@@ -151,6 +171,7 @@ def sparse_attention(
     out: torch.Tensor | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    use_tma: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparse causal attention. q [B, Hq, Mq, D], k/v [B, Hkv, Mk, D] (any strides with a
     contiguous last axis). Returns [B, Mq, Hq, D] (the layout transformers' attention functions
@@ -174,9 +195,17 @@ def sparse_attention(
         num_warps = 8 if index.block_m * index.block_n >= 128 * 64 and q.is_cuda else 4
     if num_stages is None:
         num_stages = 3 if q.is_cuda else 1
+    if use_tma is None:
+        use_tma = False
+    kd = vd = None
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        kd = TensorDescriptor.from_tensor(k, [1, 1, index.block_n, d])
+        vd = TensorDescriptor.from_tensor(v, [1, 1, index.block_n, d])
     grid = (nq, bsz * hq)
     _sparse_attention_fwd[grid](
-        q, k, v, out, lse, order.q_pos, order.k_pos, bi, nc, index.full_count, bm, cc, index.column_count,
+        q, k, v, kd, vd, out, lse, order.q_pos, order.k_pos, bi, nc, index.full_count, bm, cc, index.column_count,
         head_map if head_map is not None else nc,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -189,6 +218,6 @@ def sparse_attention(
         hq, hq // hkv, mq, mk, nq, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=index.block_m, BLOCK_N=index.block_n,
         HAS_COLUMNS=has_cols, HAS_HEAD_MAP=head_map is not None, WRITE_LSE=return_lse,
-        num_warps=num_warps, num_stages=num_stages,
+        USE_TMA=use_tma, num_warps=num_warps, num_stages=num_stages,
     )
     return (out, lse) if return_lse else out
