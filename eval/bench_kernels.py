@@ -151,7 +151,6 @@ def run_length(n: int, args, device, env: dict, peer) -> list[dict]:
                 print(f"  {pattern} {backend}: {type(err).__name__}: {err}"[:300], flush=True)
                 continue
             record(pattern, backend, density, ms + index_ms, index_ms, executed_pairs(index, order))
-        del index
     # Grid: video tokens permuted position-major; 64 tokens per frame, text at both ends.
     per_frame, head = 64, 512
     frames = (n - 2 * head) // per_frame
@@ -172,8 +171,6 @@ def run_length(n: int, args, device, env: dict, peer) -> list[dict]:
     record("grid_permuted", "triton", density, ms + index_ms, index_ms, executed_pairs(gindex, porder))
     if peer is not None:
         records += run_peer(peer, q, k, v, n, base, dense_flop, reps, args)
-    del q, k, v
-    torch.cuda.empty_cache()
     return records
 
 
@@ -274,6 +271,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"n = {n}", flush=True)
         try:
             records += run_length(n, args, device, env, peer)
+            torch.cuda.empty_cache()
         except torch.OutOfMemoryError as err:
             print(f"  out of memory at n={n}: {err}"[:200], flush=True)
             torch.cuda.empty_cache()
