@@ -38,8 +38,10 @@ def _blocks(n: int, block: int) -> int:
     return -(-n // block)
 
 
-def _block_min_max(pos: torch.Tensor, block: int, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block min and max of ``pos`` [B, M] over ``valid`` rows; rows past M count as invalid."""
+def _block_min_max(pos: torch.Tensor, block: int, valid: torch.Tensor,
+                   empty_max: int = KEY_PAD) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block min and max of ``pos`` [B, M] over ``valid`` rows; rows past M count as invalid.
+    Invalid rows read as KEY_PAD in the min and as ``empty_max`` in the max."""
     b, m = pos.shape
     nb = _blocks(m, block)
     pad = nb * block - m
@@ -47,7 +49,7 @@ def _block_min_max(pos: torch.Tensor, block: int, valid: torch.Tensor) -> tuple[
     p = torch.cat([pos, big], 1).view(b, nb, block)
     v = torch.cat([valid, torch.zeros((b, pad), dtype=torch.bool, device=pos.device)], 1).view(b, nb, block)
     lo = torch.where(v, p, KEY_PAD).amin(-1)
-    hi = torch.where(v, p, KEY_PAD).amax(-1)
+    hi = torch.where(v, p, empty_max).amax(-1)
     return lo, hi
 
 
@@ -76,7 +78,7 @@ class TokenOrder:
     @classmethod
     def from_positions(cls, q_pos: torch.Tensor, k_pos: torch.Tensor, block_m: int, block_n: int) -> "TokenOrder":
         q_pos, k_pos = q_pos.to(torch.int32).contiguous(), k_pos.to(torch.int32).contiguous()
-        q_min, q_max = _block_min_max(q_pos, block_m, q_pos >= 0)
+        q_min, q_max = _block_min_max(q_pos, block_m, q_pos >= 0, empty_max=QUERY_PAD)
         q_max = torch.where(q_min == KEY_PAD, QUERY_PAD, q_max)
         k_min, _ = _block_min_max(k_pos, block_n, k_pos != KEY_PAD)
         _, k_max = _block_min_max(k_pos, block_n, torch.ones_like(k_pos, dtype=torch.bool))

@@ -132,6 +132,47 @@ def slash_block_mask(diags: torch.Tensor, order: TokenOrder) -> torch.Tensor:
     return table.gather(-1, offset.flatten(1)[:, None, :].expand(bsz, hq, -1)).view(bsz, hq, nq, nk)
 
 
+def pooled_block_scores(q: torch.Tensor, k: torch.Tensor, order: TokenOrder) -> torch.Tensor:
+    """[B, Hq, NQ, NK] scores of mean-pooled query blocks against mean-pooled key blocks (padding
+    excluded), -inf where no query of the block sees any key of it."""
+    bsz, hq, mq, d = q.shape
+    hkv, mk = k.shape[1], k.shape[2]
+    bm, bn = order.block_m, order.block_n
+    nq, nk = order.num_q_blocks, order.num_k_blocks
+    qv = (order.q_pos >= 0).to(q.dtype)
+    kv = (order.k_pos != 2**31 - 1).to(k.dtype)
+    qp = torch.nn.functional.pad(q * qv[:, None, :, None], (0, 0, 0, nq * bm - mq)).view(bsz, hq, nq, bm, d).float().sum(3)
+    kp = torch.nn.functional.pad(k * kv[:, None, :, None], (0, 0, 0, nk * bn - mk)).view(bsz, hkv, nk, bn, d).float().sum(3)
+    qn = torch.nn.functional.pad(qv, (0, nq * bm - mq)).view(bsz, nq, bm).float().sum(-1).clamp(min=1)
+    kn = torch.nn.functional.pad(kv, (0, nk * bn - mk)).view(bsz, nk, bn).float().sum(-1).clamp(min=1)
+    qp, kp = qp / qn[:, None, :, None], kp / kn[:, None, :, None]
+    s = torch.einsum("bgrqd,bgkd->bgrqk", qp.view(bsz, hkv, hq // hkv, nq, d), kp).reshape(bsz, hq, nq, nk)
+    visible, _ = order.block_visibility()
+    return (s / math.sqrt(d)).masked_fill(~visible[:, None], float("-inf"))
+
+
+def block_topk_mask(scores: torch.Tensor, order: TokenOrder, *, top_k: int | None = None, gamma: float | None = None,
+                    sink_blocks: int = 1) -> torch.Tensor:
+    """Block mask from block scores [B, H, NQ, NK]: the ``top_k`` best per query block, or the
+    fewest whose softmax mass reaches ``gamma``; sink blocks and blocks crossing the causal
+    boundary always."""
+    if (top_k is None) == (gamma is None):
+        raise ValueError("give exactly one of top_k and gamma")
+    nk = scores.shape[-1]
+    visible, full = order.block_visibility()
+    keep = (visible & ~full)[:, None] | (torch.arange(nk, device=scores.device) < sink_blocks)
+    if top_k is not None:
+        chosen = scores.masked_fill(keep, float("inf")).topk(min(top_k, nk), -1).indices
+        mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True)
+    else:
+        prob = scores.softmax(-1).nan_to_num(0.0)
+        sorted_p, order_idx = prob.sort(-1, descending=True)
+        take = (sorted_p.cumsum(-1) - sorted_p) < gamma  # mass of the better blocks is still short of gamma
+        take |= gamma >= 1.0  # rounding must not drop blocks when everything is asked for
+        mask = torch.zeros_like(take).scatter_(-1, order_idx, take)
+    return (mask | keep) & visible[:, None]
+
+
 def block_topk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -146,29 +187,5 @@ def block_topk(
     the causal boundary are always kept."""
     if (top_k is None) == (gamma is None):
         raise ValueError("give exactly one of top_k and gamma")
-    bsz, hq, mq, d = q.shape
-    hkv, mk = k.shape[1], k.shape[2]
-    bm, bn = order.block_m, order.block_n
-    nq, nk = order.num_q_blocks, order.num_k_blocks
-    qv = (order.q_pos >= 0).to(q.dtype)
-    kv = (order.k_pos != 2**31 - 1).to(k.dtype)
-    qp = torch.nn.functional.pad(q * qv[:, None, :, None], (0, 0, 0, nq * bm - mq)).view(bsz, hq, nq, bm, d).float().sum(3)
-    kp = torch.nn.functional.pad(k * kv[:, None, :, None], (0, 0, 0, nk * bn - mk)).view(bsz, hkv, nk, bn, d).float().sum(3)
-    qn = torch.nn.functional.pad(qv, (0, nq * bm - mq)).view(bsz, nq, bm).float().sum(-1).clamp(min=1)
-    kn = torch.nn.functional.pad(kv, (0, nk * bn - mk)).view(bsz, nk, bn).float().sum(-1).clamp(min=1)
-    qp, kp = qp / qn[:, None, :, None], kp / kn[:, None, :, None]
-    s = torch.einsum("bgrqd,bgkd->bgrqk", qp.view(bsz, hkv, hq // hkv, nq, d), kp).reshape(bsz, hq, nq, nk)
-    visible, full = order.block_visibility()
-    s = (s / math.sqrt(d)).masked_fill(~visible[:, None], float("-inf"))
-    keep = (visible & ~full)[:, None] | (torch.arange(nk, device=q.device) < sink_blocks)
-    s = s.masked_fill(keep, float("inf"))
-    if top_k is not None:
-        chosen = s.topk(min(top_k, nk), -1).indices
-        mask = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, chosen, True) | keep
-    else:
-        prob = s.masked_fill(keep, float("-inf")).softmax(-1).nan_to_num(0.0)
-        sorted_p, order_idx = prob.sort(-1, descending=True)
-        before = sorted_p.cumsum(-1) - sorted_p  # mass of the better blocks
-        take = before < gamma
-        mask = torch.zeros_like(take).scatter_(-1, order_idx, take) | keep
+    mask = block_topk_mask(pooled_block_scores(q, k, order), order, top_k=top_k, gamma=gamma, sink_blocks=sink_blocks)
     return compile_block_mask(mask, order)

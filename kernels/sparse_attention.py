@@ -137,13 +137,16 @@ def _sparse_attention_fwd(
         tl.store(LSE + bh * MQ + offs_m, lse, mask=row_ok)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: TokenOrder, index: SparseIndex) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: TokenOrder, index: SparseIndex,
+           head_map: torch.Tensor | None) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"expected q [B, Hq, Mq, D] and k, v [B, Hkv, Mk, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or (head_map is None and q.shape[1] % k.shape[1]):
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim, or "
-                         "the query heads are not a multiple of the KV heads")
+                         "the query heads are not a multiple of the KV heads (pass head_map for a head subset)")
+    if head_map is not None and (head_map.shape != (q.shape[1],) or head_map.dtype != torch.int32):
+        raise ValueError(f"head_map must be int32 [{q.shape[1]}] (the KV head of each query head)")
     if q.shape[-1] not in (16, 32, 64, 128, 256):
         raise ValueError(f"head_dim {q.shape[-1]} is not supported; use one of 16, 32, 64, 128, 256")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
@@ -177,7 +180,7 @@ def sparse_attention(
     contiguous last axis). Returns [B, Mq, Hq, D] (the layout transformers' attention functions
     return), or write into ``out`` of that shape; with ``return_lse`` also the natural-log
     log-sum-exp [B, Hq, Mq] in float32 (-inf for rows that see nothing), for merging partials."""
-    _check(q, k, v, order, index)
+    _check(q, k, v, order, index, head_map)
     bsz, hq, mq, d = q.shape
     hkv, mk = k.shape[1], k.shape[2]
     if out is None:
@@ -215,7 +218,7 @@ def sparse_attention(
         bm.stride(0), hstride(bm), bm.stride(2),
         cc.stride(0), hstride(cc),
         nc.stride(0), hstride(nc),
-        hq, hq // hkv, mq, mk, nq, scale * LOG2E,
+        hq, max(1, hq // hkv), mq, mk, nq, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=index.block_m, BLOCK_N=index.block_n,
         HAS_COLUMNS=has_cols, HAS_HEAD_MAP=head_map is not None, WRITE_LSE=return_lse,
         USE_TMA=use_tma, num_warps=num_warps, num_stages=num_stages,

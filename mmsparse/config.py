@@ -43,9 +43,14 @@ class PrefillConfig:
     gamma: float = 0.95  # estimated attention mass each head must keep
     min_length: int = 8192  # prompts shorter than this run dense
     dense_layers: int = 0  # the first N layers always run dense
+    block_size: int = 128  # query and key block of the sparse index
+    max_density: float = 0.6  # a head that needs more than this share of the blocks runs dense
 
     def __post_init__(self) -> None:
         _check_fraction(self, "gamma")
+        _check_fraction(self, "max_density")
+        if self.block_size not in (16, 32, 64, 128):
+            raise ConfigError(f"PrefillConfig.block_size={self.block_size} is not supported; use 16, 32, 64 or 128")
         for name in ("min_length", "dense_layers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"PrefillConfig.{name} must be >= 0, got {getattr(self, name)}")

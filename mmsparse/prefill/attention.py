@@ -1,0 +1,157 @@
+"""The prefill stage behind transformers' attention interface (no patching).
+
+``enable_sparse_prefill(model)`` registers ``"mmsparse"`` with ``AttentionInterface`` (and the
+SDPA mask function with ``AttentionMaskInterface``) and switches the text model to it; the
+vision tower keeps its own attention. The function runs sparse only while a request is active
+(``sparse_prefill(...)``, a ``ContextVar``, so concurrent requests never share state) and only
+for a prefill of at least ``min_length`` tokens, batch 1, no padding, past ``dense_layers``.
+Everything else (decode steps, short prompts) is exactly transformers' SDPA path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from ..config import PrefillConfig
+from ..layout import TokenLayout
+
+ATTENTION_NAME = "mmsparse"
+
+
+@dataclass
+class PrefillStats:
+    """Per-layer record of one request's sparse prefill."""
+
+    layers: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        if not self.layers:
+            return {"sparse_layers": 0}
+        kinds: dict[str, int] = {}
+        for layer in self.layers:
+            for kind in layer["kinds"]:
+                kinds[kind] = kinds.get(kind, 0) + 1
+        index_s = sum(layer["index_s"] for layer in self.layers)
+        attention_s = sum(layer["attention_s"] for layer in self.layers)
+        return {
+            "sparse_layers": len(self.layers),
+            "density_mean": sum(layer["density"] for layer in self.layers) / len(self.layers),
+            "density_per_layer": {layer["layer"]: round(layer["density"], 4) for layer in self.layers},
+            "pattern_counts": kinds,
+            "index_share": index_s / max(index_s + attention_s, 1e-12),
+        }
+
+
+@dataclass
+class PrefillRequest:
+    layout: TokenLayout
+    config: PrefillConfig
+    stats: PrefillStats = field(default_factory=PrefillStats)
+    plans: dict[int, Any] | None = None  # per-layer fixed kinds from an offline search
+
+
+_REQUEST: ContextVar[PrefillRequest | None] = ContextVar("mmsparse_prefill_request", default=None)
+
+
+@contextlib.contextmanager
+def sparse_prefill(layout: TokenLayout, config: PrefillConfig, plans: dict | None = None) -> Iterator[PrefillRequest]:
+    """Make the next prefill(s) in this context sparse; yields the request (its ``stats``)."""
+    request = PrefillRequest(layout, config, plans=plans)
+    token = _REQUEST.set(request)
+    try:
+        yield request
+    finally:
+        _REQUEST.reset(token)
+
+
+def _dense(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def mmsparse_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Sparse prefill when a request is active and the call qualifies; SDPA otherwise."""
+    request = _REQUEST.get()
+    n = query.shape[2]
+    layer = getattr(module, "layer_idx", 0)
+    if (
+        request is None
+        or n < request.config.min_length
+        or n != key.shape[2]
+        or query.shape[0] != 1
+        or n != request.layout.seq_len
+        or layer < request.config.dense_layers
+        or (attention_mask is not None and not bool(attention_mask.all() if attention_mask.dtype == torch.bool else True))
+        or module.training
+    ):
+        return _dense(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return sparse_prefill_attention(query, key, value, request, layer, scaling)
+
+
+def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: int, scaling: float | None):
+    from ..kernels.sparse_attention import sparse_attention
+    from .selection import SelectionConfig, select
+
+    cfg = request.config
+    sync = query.is_cuda
+    if sync:
+        torch.cuda.synchronize(query.device)
+    started = time.perf_counter()
+    sel = SelectionConfig(gamma=cfg.gamma, block=cfg.block_size, max_density=cfg.max_density)
+    plan = select(query, key, request.layout, sel)
+    if sync:
+        torch.cuda.synchronize(query.device)
+    indexed = time.perf_counter()
+    out = sparse_attention(query, key, value, plan.natural, plan.order, scale=scaling)
+    if plan.grid is not None:
+        heads = plan.grid_heads
+        group = query.shape[1] // key.shape[1]
+        qg = query.index_select(1, heads).index_select(2, plan.perm)
+        kg, vg = key.index_select(2, plan.perm), value.index_select(2, plan.perm)
+        og = sparse_attention(qg, kg, vg, plan.grid, plan.grid_order, scale=scaling,
+                              head_map=(heads // group).to(torch.int32))
+        out[:, :, heads] = og.index_select(1, plan.inverse)
+    if sync:
+        torch.cuda.synchronize(query.device)
+    done = time.perf_counter()
+    request.stats.layers.append({
+        "layer": layer, "density": plan.density, "kinds": plan.kinds, "budgets": plan.budgets,
+        "recall": plan.recall, "index_s": indexed - started, "attention_s": done - indexed,
+    })
+    return out, None
+
+
+def register() -> str:
+    """Register the attention and mask functions with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, mmsparse_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    return ATTENTION_NAME
+
+
+def enable_sparse_prefill(model: torch.nn.Module) -> None:
+    """Route the text model's attention through ``mmsparse_attention`` (vision tower untouched).
+    Without an active request it computes exactly what SDPA computes."""
+    name = register()
+    text = getattr(model.config, "text_config", model.config)
+    model.set_attn_implementation({"text_config": name}) if hasattr(model.config, "text_config") else \
+        model.set_attn_implementation(name)
+    text._attn_implementation = name

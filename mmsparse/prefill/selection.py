@@ -1,0 +1,249 @@
+"""Per-head pattern choice from the input (MMInference-style, with a cumulative-mass budget).
+
+For one layer's Q and K: sample video query rows, compute their exact attention over all keys,
+and score every candidate pattern by the attention mass it keeps on those rows (recall) and the
+share of the causal video x all block area it computes (cost). Each head takes the cheapest
+candidate whose recall reaches ``gamma``; a head no candidate serves goes dense. Text rows
+(system prompt, question) are always dense: few rows, and the answer reads from them.
+
+Candidates: A-shape (sink + local band), vertical-slash (top columns + top diagonals),
+block-sparse (pooled-score blocks up to a mass threshold), and the video grid (a band in the
+position-major permuted order, ``mmsparse.kernels.permute``). Budgets come in small ladders
+relative to the length, so the choice is a handful of tensor ops per candidate, not a loop over
+heads or blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..layout import TokenLayout
+from ..kernels.index import SparseIndex, TokenOrder, compile_block_mask
+from ..kernels.patterns import band_mask, block_topk_mask, pooled_block_scores, slash_block_mask
+from ..kernels.permute import grid_permutation, inverse_permutation, permuted_order
+
+KINDS = ("a_shape", "vertical_slash", "block", "grid", "dense")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    gamma: float = 0.95  # attention mass each head must keep on the sampled rows
+    block: int = 128
+    sample_queries: int = 64
+    sink: int = 128
+    max_density: float = 0.6  # a head needing more than this goes dense
+    kinds: tuple[str, ...] = ("a_shape", "vertical_slash", "block", "grid")
+
+
+@dataclass
+class Candidate:
+    kind: str
+    budget: str
+    mask: torch.Tensor  # [H or 1, NQ, NK] in its own order
+    recall: torch.Tensor  # [H]
+    cost: torch.Tensor  # [H]
+    columns: torch.Tensor | None = None  # [H, C] for vertical-slash
+
+
+@dataclass
+class LayerPlan:
+    """What one layer computes: per-head kinds, the natural-order index for every non-grid head,
+    and the permuted index for the grid heads (if any)."""
+
+    kinds: list[str]
+    budgets: list[str]
+    recall: list[float]
+    density: float  # computed share of the causal block area, all heads
+    natural: SparseIndex
+    order: TokenOrder
+    grid_heads: torch.Tensor | None = None
+    grid: SparseIndex | None = None
+    grid_order: TokenOrder | None = None
+    perm: torch.Tensor | None = None
+    inverse: torch.Tensor | None = None
+    notes: dict = field(default_factory=dict)
+
+
+def _video_rows(layout: TokenLayout, n: int, device) -> torch.Tensor:
+    ids = layout.modality_ids(device)[:n]
+    return ids != 0
+
+
+def _sample_rows(visual: torch.Tensor, count: int) -> torch.Tensor:
+    rows = torch.nonzero(visual).flatten()
+    if len(rows) <= count:
+        return rows
+    pick = torch.linspace(0, len(rows) - 1, count, device=rows.device).round().long()
+    return rows[pick]
+
+
+def _sampled_attention(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[Hq, S, N] float32 exact causal attention of the sampled rows (batch 1, GQA by reshape)."""
+    hq, d = q.shape[1], q.shape[-1]
+    hkv = k.shape[1]
+    qs = q[0, :, rows].float().view(hkv, hq // hkv, len(rows), d)
+    s = torch.einsum("grsd,gkd->grsk", qs, k[0].float()).reshape(hq, len(rows), -1) / math.sqrt(d)
+    keys = torch.arange(k.shape[2], device=q.device)
+    s = s.masked_fill(keys[None, None, :] > rows[None, :, None], float("-inf"))
+    return s.softmax(-1)
+
+
+def _block_sums(p: torch.Tensor, block: int) -> torch.Tensor:
+    h, s, n = p.shape
+    nk = -(-n // block)
+    return torch.nn.functional.pad(p, (0, nk * block - n)).view(h, s, nk, block).sum(-1)
+
+
+def _recall(mask: torch.Tensor, mass: torch.Tensor, row_blocks: torch.Tensor) -> torch.Tensor:
+    """Mean over sampled rows of the block mass a mask keeps: mask [H|1, NQ, NK], mass [H, S, NK]."""
+    rows_mask = mask[:, row_blocks]  # [H|1, S, NK]
+    return (rows_mask * mass).sum(-1).mean(-1)
+
+
+def _cost(mask: torch.Tensor, visible: torch.Tensor, video_blocks: torch.Tensor) -> torch.Tensor:
+    """Computed share of the visible blocks in the video query blocks: [H|1]."""
+    m = mask[:, video_blocks] & visible[video_blocks]
+    return m.sum((-1, -2)).float() / visible[video_blocks].sum().clamp(min=1)
+
+
+def _ladder(n: int, block: int, shares: tuple[float, ...]) -> list[int]:
+    return sorted({max(block, int(n * s) // block * block) for s in shares})
+
+
+def select(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, cfg: SelectionConfig) -> LayerPlan:
+    """Choose a pattern per query head for one layer's prefill (batch 1, queries = keys)."""
+    _, hq, n, _ = q.shape
+    dev = q.device
+    bs = cfg.block
+    order = TokenOrder.causal(n, n, bs, bs, device=dev)
+    visible, _ = order.block_visibility()
+    visible = visible[0]
+    nq, nk = visible.shape
+    visual = _video_rows(layout, n, dev)
+    padded = torch.nn.functional.pad(visual, (0, nq * bs - n))
+    video_blocks = padded.view(nq, bs).all(-1)  # query blocks with no text row
+    text_blocks = ~video_blocks
+    rows = _sample_rows(visual, cfg.sample_queries)
+    p = _sampled_attention(q, k, rows)
+    mass = _block_sums(p, bs)
+    row_blocks = rows // bs
+    candidates: list[Candidate] = []
+
+    def add(kind: str, budget: str, mask: torch.Tensor, recall=None, columns=None, extra_cost=None):
+        rec = _recall(mask, mass, row_blocks) if recall is None else recall
+        cost = _cost(mask, visible, video_blocks)
+        if extra_cost is not None:
+            cost = cost + extra_cost
+        candidates.append(Candidate(kind, budget, mask, rec.expand(hq), cost.expand(hq), columns))
+
+    if "a_shape" in cfg.kinds:
+        for local in _ladder(n, bs, (1 / 64, 1 / 32, 1 / 16, 1 / 8)):
+            add("a_shape", f"sink={cfg.sink},local={local}", band_mask(order, sink=cfg.sink, local=local)[0])
+    if "block" in cfg.kinds:
+        scores = pooled_block_scores(q, k, order)
+        for g in sorted({cfg.gamma, min(0.99, 1 - (1 - cfg.gamma) / 2)}):
+            add("block", f"gamma={g}", block_topk_mask(scores, order, gamma=g)[0])
+    if "vertical_slash" in cfg.kinds:
+        _vertical_slash_candidates(p, rows, order, n, cfg, add, visible, video_blocks, mass, row_blocks)
+    spans = [(s.start, s.num_frames, s.tokens_per_frame) for s in layout.video_spans if s.tokens_per_frame and s.num_frames > 1]
+    grid_ctx = None
+    if "grid" in cfg.kinds and spans:
+        perm = grid_permutation(n, spans, device=dev)
+        porder = permuted_order(perm, 1, bs, bs)
+        inverse = inverse_permutation(perm)
+        pmass = _block_sums(p[:, :, perm], bs)
+        prow_blocks = inverse[rows] // bs
+        pvisible, _ = porder.block_visibility()
+        frames = max(f for _, f, _ in spans)
+        grid_ctx = (perm, porder, inverse)
+        for width in sorted({2 * frames, 4 * frames, 8 * frames}):
+            mask = band_mask(porder, sink=cfg.sink, local=width)[0]
+            pvideo = torch.nn.functional.pad(visual[perm], (0, nq * bs - n)).view(nq, bs).all(-1)
+            candidates.append(Candidate("grid", f"band={width}", mask & pvisible[0],
+                                        _recall(mask, pmass, prow_blocks).expand(hq),
+                                        _cost(mask, pvisible[0], pvideo).expand(hq)))
+    return _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg)
+
+
+def _vertical_slash_candidates(p, rows, order, n, cfg, add, visible, video_blocks, mass, row_blocks):
+    """Columns by summed attention, diagonals by attention summed along each diagonal, over the
+    sampled rows; recall counts column mass outside the chosen blocks once."""
+    hq, s, _ = p.shape
+    bs = cfg.block
+    dev = p.device
+    v_score = p.sum(1)
+    v_score[:, : min(cfg.sink, n)] = float("inf")
+    offsets = (rows[:, None] - torch.arange(n, device=dev)[None, :])  # [S, N]
+    valid = offsets >= 0
+    s_score = torch.zeros((hq, n + 1), device=dev)
+    s_score.scatter_add_(1, torch.where(valid, offsets, n).flatten()[None].expand(hq, -1), p.flatten(1))
+    s_score = s_score[:, :n]
+    s_score[:, : min(bs, n)] = float("inf")  # the local diagonal band
+    for share in (1 / 64, 1 / 32, 1 / 16):
+        n_cols, n_diag = max(64, int(n * share / 4)), max(bs, int(n * share))
+        cols = v_score.topk(min(n_cols, n), -1).indices.sort(-1).values  # [H, C]
+        diags = s_score.topk(min(n_diag, n), -1).indices
+        mask = slash_block_mask(diags[None], order)[0] & visible  # [H, NQ, NK]
+        rec = _recall(mask, mass, row_blocks)
+        # Column mass on sampled rows, outside the row's chosen blocks.
+        pc = p.gather(2, cols[:, None, :].expand(-1, s, -1))  # [H, S, C]
+        in_block = mask[:, row_blocks].gather(2, (cols // bs)[:, None, :].expand(-1, s, -1))
+        rec = rec + (pc * ~in_block).sum(-1).mean(-1)
+        col_cost = cols.shape[1] / bs / visible[video_blocks].sum(-1).float().mean().clamp(min=1)
+        add("vertical_slash", f"columns={cols.shape[1]},diagonals={diags.shape[1]}", mask, recall=rec,
+            columns=cols, extra_cost=col_cost)
+
+
+def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> LayerPlan:
+    dev = visible.device
+    nq, nk = visible.shape
+    if candidates:
+        recall = torch.stack([c.recall for c in candidates])  # [C, H]
+        cost = torch.stack([c.cost for c in candidates])
+        ok = (recall >= cfg.gamma) & (cost <= cfg.max_density)
+        best = torch.where(ok, cost, float("inf")).argmin(0)  # [H]
+        chosen = [int(i) if bool(ok[i, h]) else -1 for h, i in enumerate(best.tolist())]
+    else:
+        chosen = [-1] * hq
+    kinds = [candidates[c].kind if c >= 0 else "dense" for c in chosen]
+    budgets = [candidates[c].budget if c >= 0 else "" for c in chosen]
+    recalls = [float(candidates[c].recall[h]) if c >= 0 else 1.0 for h, c in enumerate(chosen)]
+    natural = torch.zeros((1, hq, nq, nk), dtype=torch.bool, device=dev)
+    columns_list: list[torch.Tensor | None] = [None] * hq
+    grid_heads = [h for h, kind in enumerate(kinds) if kind == "grid"]
+    for h, c in enumerate(chosen):  # per head: one indexing op each, no work per block
+        if c < 0:
+            natural[0, h] = visible
+        elif kinds[h] != "grid":
+            m = candidates[c].mask
+            natural[0, h] = m[h] if m.shape[0] > 1 else m[0]
+            if candidates[c].columns is not None:
+                columns_list[h] = candidates[c].columns[h]
+    natural[0, [h for h in range(hq) if h not in grid_heads]] |= text_blocks[:, None] & visible
+    width = max([len(c) for c in columns_list if c is not None], default=0)
+    columns = torch.zeros((1, hq, width), dtype=torch.int32, device=dev)
+    column_count = torch.zeros((1, hq, nq), dtype=torch.int32, device=dev)
+    for h, cols in enumerate(columns_list):
+        if cols is not None:
+            columns[0, h, : len(cols)] = cols.to(torch.int32)
+            column_count[0, h] = torch.searchsorted(cols.to(torch.int32), order.q_max[0], right=True).to(torch.int32)
+    index = compile_block_mask(natural, order, columns if width else None, column_count if width else None)
+    plan = LayerPlan(kinds, budgets, recalls, 0.0, index, order)
+    computed = float(index.block_count.sum()) + float(index.column_count.sum()) / order.block_n
+    if grid_heads and grid_ctx is not None:
+        perm, porder, inverse = grid_ctx
+        masks = torch.stack([candidates[chosen[h]].mask[0] for h in grid_heads])[None]  # grid masks are head-free
+        pvisible, _ = porder.block_visibility()
+        # The permutation moves video rows only, so a permuted query block holds text iff the
+        # natural block with the same number does: those rows stay dense.
+        masks = masks | (text_blocks[:, None] & pvisible[0])[None, None]
+        plan.grid = compile_block_mask(masks, porder)
+        plan.grid_heads = torch.tensor(grid_heads, device=dev)
+        plan.grid_order, plan.perm, plan.inverse = porder, perm, inverse
+        computed += float(plan.grid.block_count.sum())
+    plan.density = computed / (float(visible.sum()) * hq)
+    return plan
+
