@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .index import SparseIndex, TokenOrder, compile_block_mask
+from .index import KEY_PAD, SparseIndex, TokenOrder, compile_block_mask
 
 
 def _block_rows(n_rows: int, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,25 +23,25 @@ def _block_rows(n_rows: int, block: int, device: torch.device) -> tuple[torch.Te
 
 
 def band_mask(order: TokenOrder, *, sink: int, local: int, shifts: tuple[int, ...] = (0,)) -> torch.Tensor:
-    """[1, 1, NQ, NK] blocks touching the first ``sink`` rows of K or a band of ``local`` rows of
-    K ending ``shift`` rows before each query row (row indices in the current order; the query
-    chunk is bottom-right aligned with K)."""
+    """[B, 1, NQ, NK] blocks touching the first ``sink`` rows of K or a band of ``local`` rows of
+    K ending ``shift`` rows before each query row (row indices in the current order; each
+    sequence's valid queries end at its last valid key, so a padded chunked batch aligns per sequence)."""
     mq, mk = order.q_pos.shape[1], order.k_pos.shape[1]
     dev = order.q_pos.device
     q_first, q_last = _block_rows(mq, order.block_m, dev)
     k_first, k_last = _block_rows(mk, order.block_n, dev)
-    offset = mk - mq
-    mask = (k_first < sink)[None, :].expand(len(q_first), -1).clone()
+    offset = ((order.k_pos != KEY_PAD).sum(1) - (order.q_pos >= 0).sum(1))[:, None, None]  # [B, 1, 1]
+    mask = (k_first < sink)[None, None, :].expand(len(offset), len(q_first), -1).clone()
     for shift in shifts:  # a handful of bands, not a loop over blocks
-        lo = q_first[:, None] + offset - shift - local + 1
-        hi = q_last[:, None] + offset - shift
-        mask |= (k_last[None, :] >= lo) & (k_first[None, :] <= hi)
-    return mask[None, None]
+        lo = q_first[None, :, None] + offset - shift - local + 1
+        hi = q_last[None, :, None] + offset - shift
+        mask |= (k_last[None, None, :] >= lo) & (k_first[None, None, :] <= hi)
+    return mask[:, None]
 
 
 def a_shape(order: TokenOrder, *, sink: int = 128, local: int = 4096, heads: int = 1) -> SparseIndex:
     """Sink + local window ("streaming" heads)."""
-    return compile_block_mask(band_mask(order, sink=sink, local=local).expand(order.q_pos.shape[0], heads, -1, -1), order)
+    return compile_block_mask(band_mask(order, sink=sink, local=local).expand(-1, heads, -1, -1), order)
 
 
 def last_query_scores(q: torch.Tensor, k: torch.Tensor, order: TokenOrder, last_q: int, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:

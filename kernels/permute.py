@@ -60,15 +60,15 @@ def grid_index(
     frames = max(f for _, f, _ in spans)
     local = 2 * frames if local is None else local
     shifts = (0,) if phase == 0 else (0, phase * frames)
-    mask = band_mask(order, sink=sink, local=local, shifts=shifts)[0, 0]
+    mask = band_mask(order, sink=sink, local=local, shifts=shifts)[:, 0]  # [B, NQ, NK]
     mq = order.q_pos.shape[1]
     is_video = torch.zeros(mq, dtype=torch.bool, device=mask.device)
     for start, f, per_frame in spans:
         is_video[start:start + f * per_frame] = True
     pad = order.num_q_blocks * order.block_m - mq
     text_block = (~torch.nn.functional.pad(is_video, (0, pad), value=True)).view(-1, order.block_m).any(-1)
-    mask = mask | text_block[:, None]
-    return compile_block_mask(mask[None, None].expand(order.q_pos.shape[0], heads, -1, -1), order)
+    mask = mask | text_block[None, :, None]
+    return compile_block_mask(mask[:, None].expand(-1, heads, -1, -1), order)
 
 
 def permuted_attention(

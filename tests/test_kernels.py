@@ -323,9 +323,6 @@ def test_band_mask_and_a_shape_vs_brute_force(mq, mk, bm, bn, sink, local, shift
         assert torch.equal(index.block_mask.cpu(), (want & visible[0].cpu()).expand(1, 2, -1, -1))
 
 
-@pytest.mark.xfail(strict=True, reason="band_mask aligns the band on padded row indices (offset mk - mq for "
-                   "every sequence), not per sequence: in a padded chunked-prefill batch whose sequences have "
-                   "different kv_len - q_len, the local window misses the diagonal")
 def test_a_shape_local_window_in_padded_chunked_batch():
     order = causal_order(32, 128, 16, 16, q_lens=[32, 32], kv_lens=[128, 64])
     tokens = index_token_mask(a_shape(order, sink=16, local=16), order)[:, 0]
