@@ -98,7 +98,7 @@ PRESETS: dict[str, SparseConfig] = {
 DEFAULT_SPARSE_PRESET = "balanced"
 
 # Stages this version implements. A stage is added here in the same change that builds it.
-BUILT_STAGES: frozenset[str] = frozenset()
+BUILT_STAGES: frozenset[str] = frozenset({"prefill"})
 
 _STAGE_WHAT = {
     "encode": "token reduction after the vision encoder",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import fields, replace
 from typing import Any
@@ -50,6 +51,10 @@ class VideoQAPipeline(Pipeline):
             raise InvalidInputError("the video-qa pipeline needs a processor; pass processor= or load with mmsparse.pipeline")
         self.adapter = adapter or adapter_class(model.config.model_type)(model, processor)
         self.sparse_config = resolve_sparse(sparse)
+        if self.sparse_config.prefill is not None:
+            from ..prefill.attention import enable_sparse_prefill
+
+            enable_sparse_prefill(model)  # the text model's attention; SDPA outside sparse requests
         given = _take(kwargs, SAMPLING_KEYS)
         self.sampling = SamplingOptions(**{**self.adapter.sampling_defaults(), **given})
         self.video_kwargs = _take(kwargs, VIDEO_KEYS)
@@ -140,8 +145,9 @@ class VideoQAPipeline(Pipeline):
         device = self.model.device
         clock = GenerationClock(device, inner=kwargs.pop("streamer", None))
         reset_peak_memory(device)
-        clock.start()
-        sequences = self.model.generate(**inputs, streamer=clock, **kwargs)
+        with self._sparse_request(model_inputs["layout"]) as request:
+            clock.start()
+            sequences = self.model.generate(**inputs, streamer=clock, **kwargs)
         prompt_len = inputs["input_ids"].shape[1]
         new_ids = sequences[0, prompt_len:]
         stats = {
@@ -153,7 +159,17 @@ class VideoQAPipeline(Pipeline):
             **peak_memory(device),
             "sparse_stages": list(self.sparse_config.stages),
         }
+        if request is not None:
+            stats["prefill"] = request.stats.summary()
         return {"new_ids": new_ids, "stats": stats, "layout": model_inputs["layout"], "question": model_inputs["question"]}
+
+    def _sparse_request(self, layout):
+        """Context of one generate call: the prefill request when that stage is on."""
+        if self.sparse_config.prefill is None:
+            return contextlib.nullcontext()
+        from ..prefill.attention import sparse_prefill
+
+        return sparse_prefill(layout, self.sparse_config.prefill)
 
     def postprocess(self, model_outputs: dict[str, Any], return_layout: bool = False):
         answer = self.processor.tokenizer.decode(model_outputs["new_ids"], skip_special_tokens=True).strip()

@@ -43,7 +43,7 @@ def test_text_output_and_default_model_warning(capsys):
         (["qa", "{clip}", "   "], 2, "question is empty"),
         (["qa", "{clip}", "What?", "--fps", "2", "--nframes", "8"], 2, "nframes"),
         (["qa", "{clip}", "What?", "--start", "3", "--end", "1"], 2, "--end"),
-        (["qa", "{clip}", "What?", "--sparse", "balanced"], 3, "prefill stage"),
+        (["qa", "{clip}", "What?", "--sparse", "fast"], 3, "encode stage"),
         (["qa", "{clip}", "What?", "--sparse", "turbo"], 2, "unknown sparse preset"),
         (["qa", "{corrupt}", "What?"], 2, "decode"),
     ],

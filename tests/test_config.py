@@ -12,13 +12,18 @@ def test_dense_resolves():
     assert resolve_sparse("dense") == SparseConfig()
 
 
-@pytest.mark.parametrize("sparse", [True, "balanced", "fast", SparseConfig(decode=DecodeConfig())])
+@pytest.mark.parametrize("sparse", ["fast", SparseConfig(decode=DecodeConfig())])
 def test_unbuilt_stage_is_refused_by_name(sparse):
     with pytest.raises(StageNotBuiltError) as err:
         resolve_sparse(sparse)
     msg = str(err.value)
     assert "stage" in msg and "sparse=False" in msg and "\n" not in msg
     assert any(stage in msg for stage in ("encode", "prefill", "decode"))
+
+
+def test_built_prefill_stage_resolves():
+    assert resolve_sparse(True).stages == ("prefill",)
+    assert resolve_sparse("balanced") == PRESETS["balanced"]
 
 
 def test_presets_name_their_stages():

@@ -149,7 +149,7 @@ def test_contradictory_sampling(pipe):
 
 def test_sparse_stage_not_built(tiny_qwen):
     model, processor = tiny_qwen
-    for sparse in (True, "balanced", "fast"):
+    for sparse in ("fast", mmsparse.SparseConfig(decode=mmsparse.DecodeConfig())):
         with pytest.raises(StageNotBuiltError, match="stage"):
             mmsparse.pipeline(model=model, processor=processor, sparse=sparse, device="cpu")
 

@@ -226,7 +226,7 @@ BOGUS = "/no/such/model"  # any of these checks must fail before a model is load
     "kwargs,error,match",
     [
         ({"configs": ["turbo"]}, ConfigError, "unknown config"),
-        ({"configs": ["dense", "balanced"]}, StageNotBuiltError, "prefill stage"),
+        ({"configs": ["dense", "fast"]}, StageNotBuiltError, "encode stage"),
         ({"depths": [0.5, 1.5]}, InvalidInputError, r"outside \[0, 1\]"),
         ({"depths": [-0.1]}, InvalidInputError, r"outside \[0, 1\]"),
         ({"frames": [1]}, InvalidInputError, "even whole numbers"),
