@@ -45,10 +45,16 @@ class PrefillConfig:
     dense_layers: int = 0  # the first N layers always run dense
     block_size: int = 128  # query and key block of the sparse index
     max_density: float = 0.6  # a head that needs more than this share of the blocks runs dense
+    # Also accept a pattern whose estimated relative output error on the sampled rows is at most
+    # this (None: attention mass alone decides). Flat heads over redundant video keep little mass
+    # in any small pattern yet lose almost nothing in their output.
+    max_error: float | None = None
 
     def __post_init__(self) -> None:
         _check_fraction(self, "gamma")
         _check_fraction(self, "max_density")
+        if self.max_error is not None and not 0.0 < self.max_error < 1.0:
+            raise ConfigError(f"PrefillConfig.max_error={self.max_error!r} is out of range; use None or a value in (0, 1)")
         if self.block_size not in (16, 32, 64, 128):
             raise ConfigError(f"PrefillConfig.block_size={self.block_size} is not supported; use 16, 32, 64 or 128")
         for name in ("min_length", "dense_layers"):

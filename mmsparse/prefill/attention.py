@@ -113,8 +113,8 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
     if sync:
         torch.cuda.synchronize(query.device)
     started = time.perf_counter()
-    sel = SelectionConfig(gamma=cfg.gamma, block=cfg.block_size, max_density=cfg.max_density)
-    plan = select(query, key, request.layout, sel)
+    sel = SelectionConfig(gamma=cfg.gamma, block=cfg.block_size, max_density=cfg.max_density, max_error=cfg.max_error)
+    plan = select(query, key, value, request.layout, sel)
     if sync:
         torch.cuda.synchronize(query.device)
     indexed = time.perf_counter()
@@ -132,7 +132,7 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
     done = time.perf_counter()
     request.stats.layers.append({
         "layer": layer, "density": plan.density, "kinds": plan.kinds, "budgets": plan.budgets,
-        "recall": plan.recall, "index_s": indexed - started, "attention_s": done - indexed,
+        "recall": plan.recall, "error": plan.error, "index_s": indexed - started, "attention_s": done - indexed,
     })
     return out, None
 

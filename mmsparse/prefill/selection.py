@@ -35,6 +35,7 @@ class SelectionConfig:
     sample_queries: int = 64
     sink: int = 128
     max_density: float = 0.6  # a head needing more than this goes dense
+    max_error: float | None = None  # also accept a candidate whose estimated output error is this low
     kinds: tuple[str, ...] = ("a_shape", "vertical_slash", "block", "grid")
 
 
@@ -43,7 +44,8 @@ class Candidate:
     kind: str
     budget: str
     mask: torch.Tensor  # [H or 1, NQ, NK] in its own order
-    recall: torch.Tensor  # [H]
+    recall: torch.Tensor  # [H] kept attention mass on the sampled rows
+    error: torch.Tensor  # [H] relative output error on the sampled rows
     cost: torch.Tensor  # [H]
     columns: torch.Tensor | None = None  # [H, C] for vertical-slash
 
@@ -55,7 +57,8 @@ class LayerPlan:
 
     kinds: list[str]
     budgets: list[str]
-    recall: list[float]
+    recall: list[float]  # estimated kept mass per head (sampled rows)
+    error: list[float]  # estimated relative output error per head (sampled rows)
     density: float  # computed share of the causal block area, all heads
     natural: SparseIndex
     order: TokenOrder
@@ -91,16 +94,39 @@ def _sampled_attention(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> 
     return s.softmax(-1)
 
 
-def _block_sums(p: torch.Tensor, block: int) -> torch.Tensor:
-    h, s, n = p.shape
-    nk = -(-n // block)
-    return torch.nn.functional.pad(p, (0, nk * block - n)).view(h, s, nk, block).sum(-1)
+@dataclass
+class RowStats:
+    """Exact attention of the sampled rows, summed per key block, in one key order: the mass
+    [H, S, NK] and the value-weighted sums [H, S, NK, D], so any block mask's kept mass (recall)
+    and its output error (keys outside the mask dropped, softmax renormalised) are a few sums."""
 
+    mass: torch.Tensor
+    pv: torch.Tensor
+    row_blocks: torch.Tensor  # [S] query block of each sampled row
 
-def _recall(mask: torch.Tensor, mass: torch.Tensor, row_blocks: torch.Tensor) -> torch.Tensor:
-    """Mean over sampled rows of the block mass a mask keeps: mask [H|1, NQ, NK], mass [H, S, NK]."""
-    rows_mask = mask[:, row_blocks]  # [H|1, S, NK]
-    return (rows_mask * mass).sum(-1).mean(-1)
+    @classmethod
+    def build(cls, p: torch.Tensor, v: torch.Tensor, row_blocks: torch.Tensor, block: int) -> "RowStats":
+        h, s, n = p.shape
+        hkv, d = v.shape[0], v.shape[-1]
+        nk = -(-n // block)
+        pb = torch.nn.functional.pad(p, (0, nk * block - n)).view(hkv, h // hkv, s, nk, block)
+        vb = torch.nn.functional.pad(v.float(), (0, 0, 0, nk * block - n)).view(hkv, nk, block, d)
+        pv = torch.einsum("grsjb,gjbd->grsjd", pb, vb).reshape(h, s, nk, d)
+        return cls(pb.sum(-1).reshape(h, s, nk), pv, row_blocks)
+
+    def evaluate(self, mask: torch.Tensor, extra_mass: torch.Tensor | None = None,
+                 extra_pv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(recall [H], relative output error [H]) of a block mask [H|1, NQ, NK], averaged over
+        the sampled rows; ``extra_*`` [H, S] / [H, S, D] add single columns kept outside the mask."""
+        rows_mask = mask[:, self.row_blocks].float()  # [H|1, S, NK]
+        kept = (rows_mask * self.mass).sum(-1)
+        out = torch.einsum("hsj,hsjd->hsd", rows_mask.expand(self.mass.shape[0], -1, -1), self.pv)
+        if extra_mass is not None:
+            kept, out = kept + extra_mass, out + extra_pv
+        dense = self.pv.sum(2)
+        approx = out / kept.clamp(min=1e-20)[..., None]
+        error = (approx - dense).norm(dim=-1) / dense.norm(dim=-1).clamp(min=1e-20)
+        return kept.mean(-1), error.mean(-1)
 
 
 def _cost(mask: torch.Tensor, visible: torch.Tensor, video_blocks: torch.Tensor) -> torch.Tensor:
@@ -113,7 +139,7 @@ def _ladder(n: int, block: int, shares: tuple[float, ...]) -> list[int]:
     return sorted({max(block, int(n * s) // block * block) for s in shares})
 
 
-def select(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, cfg: SelectionConfig) -> LayerPlan:
+def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, cfg: SelectionConfig) -> LayerPlan:
     """Choose a pattern per query head for one layer's prefill (batch 1, queries = keys)."""
     _, hq, n, _ = q.shape
     dev = q.device
@@ -128,16 +154,15 @@ def select(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, cfg: Selection
     text_blocks = ~video_blocks
     rows = _sample_rows(visual, cfg.sample_queries)
     p = _sampled_attention(q, k, rows)
-    mass = _block_sums(p, bs)
-    row_blocks = rows // bs
+    stats = RowStats.build(p, v[0], rows // bs, bs)
     candidates: list[Candidate] = []
 
-    def add(kind: str, budget: str, mask: torch.Tensor, recall=None, columns=None, extra_cost=None):
-        rec = _recall(mask, mass, row_blocks) if recall is None else recall
+    def add(kind: str, budget: str, mask: torch.Tensor, columns=None, extra=None, extra_cost=None):
+        rec, err = stats.evaluate(mask, *(extra or (None, None)))
         cost = _cost(mask, visible, video_blocks)
         if extra_cost is not None:
             cost = cost + extra_cost
-        candidates.append(Candidate(kind, budget, mask, rec.expand(hq), cost.expand(hq), columns))
+        candidates.append(Candidate(kind, budget, mask, rec.expand(hq), err.expand(hq), cost.expand(hq), columns))
 
     if "a_shape" in cfg.kinds:
         for local in _ladder(n, bs, (1 / 64, 1 / 32, 1 / 16, 1 / 8)):
@@ -147,28 +172,27 @@ def select(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, cfg: Selection
         for g in sorted({cfg.gamma, min(0.99, 1 - (1 - cfg.gamma) / 2)}):
             add("block", f"gamma={g}", block_topk_mask(scores, order, gamma=g)[0])
     if "vertical_slash" in cfg.kinds:
-        _vertical_slash_candidates(p, rows, order, n, cfg, add, visible, video_blocks, mass, row_blocks)
+        _vertical_slash_candidates(p, v[0], rows, order, n, cfg, add, visible, video_blocks)
     spans = [(s.start, s.num_frames, s.tokens_per_frame) for s in layout.video_spans if s.tokens_per_frame and s.num_frames > 1]
     grid_ctx = None
     if "grid" in cfg.kinds and spans:
         perm = grid_permutation(n, spans, device=dev)
         porder = permuted_order(perm, 1, bs, bs)
         inverse = inverse_permutation(perm)
-        pmass = _block_sums(p[:, :, perm], bs)
-        prow_blocks = inverse[rows] // bs
+        pstats = RowStats.build(p[:, :, perm], v[0][:, perm], inverse[rows] // bs, bs)
         pvisible, _ = porder.block_visibility()
         frames = max(f for _, f, _ in spans)
         grid_ctx = (perm, porder, inverse)
         for width in sorted({2 * frames, 4 * frames, 8 * frames}):
             mask = band_mask(porder, sink=cfg.sink, local=width)[0]
             pvideo = torch.nn.functional.pad(visual[perm], (0, nq * bs - n)).view(nq, bs).all(-1)
-            candidates.append(Candidate("grid", f"band={width}", mask & pvisible[0],
-                                        _recall(mask, pmass, prow_blocks).expand(hq),
-                                        _cost(mask, pvisible[0], pvideo).expand(hq)))
+            rec, err = pstats.evaluate(mask)
+            candidates.append(Candidate("grid", f"band={width}", mask & pvisible[0], rec.expand(hq),
+                                        err.expand(hq), _cost(mask, pvisible[0], pvideo).expand(hq)))
     return _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg)
 
 
-def _vertical_slash_candidates(p, rows, order, n, cfg, add, visible, video_blocks, mass, row_blocks):
+def _vertical_slash_candidates(p, v, rows, order, n, cfg, add, visible, video_blocks):
     """Columns by summed attention, diagonals by attention summed along each diagonal, over the
     sampled rows; recall counts column mass outside the chosen blocks once."""
     hq, s, _ = p.shape
@@ -187,14 +211,15 @@ def _vertical_slash_candidates(p, rows, order, n, cfg, add, visible, video_block
         cols = v_score.topk(min(n_cols, n), -1).indices.sort(-1).values  # [H, C]
         diags = s_score.topk(min(n_diag, n), -1).indices
         mask = slash_block_mask(diags[None], order)[0] & visible  # [H, NQ, NK]
-        rec = _recall(mask, mass, row_blocks)
-        # Column mass on sampled rows, outside the row's chosen blocks.
+        # Columns on sampled rows, outside the row's chosen blocks: their mass and value sums.
         pc = p.gather(2, cols[:, None, :].expand(-1, s, -1))  # [H, S, C]
-        in_block = mask[:, row_blocks].gather(2, (cols // bs)[:, None, :].expand(-1, s, -1))
-        rec = rec + (pc * ~in_block).sum(-1).mean(-1)
+        in_block = mask[:, rows // bs].gather(2, (cols // bs)[:, None, :].expand(-1, s, -1))
+        pc = pc * ~in_block
+        hkv = v.shape[0]
+        vc = v[(torch.arange(hq, device=dev) // (hq // hkv))[:, None], cols].float()  # [H, C, D]
         col_cost = cols.shape[1] / bs / visible[video_blocks].sum(-1).float().mean().clamp(min=1)
-        add("vertical_slash", f"columns={cols.shape[1]},diagonals={diags.shape[1]}", mask, recall=rec,
-            columns=cols, extra_cost=col_cost)
+        add("vertical_slash", f"columns={cols.shape[1]},diagonals={diags.shape[1]}", mask, columns=cols,
+            extra=(pc.sum(-1), torch.einsum("hsc,hcd->hsd", pc, vc)), extra_cost=col_cost)
 
 
 def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> LayerPlan:
@@ -202,8 +227,12 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> Lay
     nq, nk = visible.shape
     if candidates:
         recall = torch.stack([c.recall for c in candidates])  # [C, H]
+        error = torch.stack([c.error for c in candidates])
         cost = torch.stack([c.cost for c in candidates])
-        ok = (recall >= cfg.gamma) & (cost <= cfg.max_density)
+        good = recall >= cfg.gamma
+        if cfg.max_error is not None:
+            good |= error <= cfg.max_error
+        ok = good & (cost <= cfg.max_density)
         best = torch.where(ok, cost, float("inf")).argmin(0)  # [H]
         chosen = [int(i) if bool(ok[i, h]) else -1 for h, i in enumerate(best.tolist())]
     else:
@@ -211,6 +240,7 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> Lay
     kinds = [candidates[c].kind if c >= 0 else "dense" for c in chosen]
     budgets = [candidates[c].budget if c >= 0 else "" for c in chosen]
     recalls = [float(candidates[c].recall[h]) if c >= 0 else 1.0 for h, c in enumerate(chosen)]
+    errors = [float(candidates[c].error[h]) if c >= 0 else 0.0 for h, c in enumerate(chosen)]
     natural = torch.zeros((1, hq, nq, nk), dtype=torch.bool, device=dev)
     columns_list: list[torch.Tensor | None] = [None] * hq
     grid_heads = [h for h, kind in enumerate(kinds) if kind == "grid"]
@@ -231,7 +261,7 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> Lay
             columns[0, h, : len(cols)] = cols.to(torch.int32)
             column_count[0, h] = torch.searchsorted(cols.to(torch.int32), order.q_max[0], right=True).to(torch.int32)
     index = compile_block_mask(natural, order, columns if width else None, column_count if width else None)
-    plan = LayerPlan(kinds, budgets, recalls, 0.0, index, order)
+    plan = LayerPlan(kinds, budgets, recalls, errors, 0.0, index, order)
     computed = float(index.block_count.sum()) + float(index.column_count.sum()) / order.block_n
     if grid_heads and grid_ctx is not None:
         perm, porder, inverse = grid_ctx
