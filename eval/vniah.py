@@ -38,6 +38,7 @@ import torch
 
 from mmsparse.config import BUILT_STAGES, PRESETS, SparseConfig, resolve_sparse
 from mmsparse.errors import ConfigError, ContextLengthError, InvalidInputError
+from mmsparse.layout import TokenLayout
 from mmsparse.eval.haystack import TEMPORAL_GROUP, Haystack, insert_needle
 from mmsparse.eval.needles import Needle, load_needles
 
@@ -289,11 +290,13 @@ def answer_loglik(pipe: VideoQAPipeline, video: Any, question: str, ids: Sequenc
     This is the model's plain forward: the sparse stages act inside the pipeline's ``generate``,
     so once a stage lands, this forward must run under that stage's context as well.
     """
-    inputs, _ = pipe.adapter.prepare(video, question)
+    inputs, layout = pipe.adapter.prepare(video, question)
     inputs = append_answer(inputs, ids)
     model = pipe.model
     inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    with torch.inference_mode():
+    # The sparse prefill acts on this forward too, over a layout that includes the answer tokens.
+    layout = TokenLayout.from_spans(int(inputs["input_ids"].shape[1]), list(layout.visual_spans))
+    with torch.inference_mode(), pipe._sparse_request(layout):
         # Only the logits that predict the answer: the last len(ids)+1 positions, minus the last.
         logits = model(**inputs, logits_to_keep=len(ids) + 1, use_cache=False).logits[0, :-1].float()
     targets = torch.tensor(list(ids), device=logits.device)
@@ -338,6 +341,7 @@ def score_cell(pipe: VideoQAPipeline, inp: CellInput, max_new_tokens: int, end_i
         "ttft_s": stats.get("ttft_s"),
         "peak_memory_gb": stats.get("peak_memory_gb"),
         "memory_kind": stats.get("memory_kind"),
+        "prefill": stats.get("prefill"),
     }
 
 
@@ -583,10 +587,27 @@ def _write_results(records: Mapping[str, list[dict[str, Any]]], named: Mapping[s
             "stages": result["stages"],
             **{k: agg[k] for k in ("accuracy", "mean_ttft_s", "max_peak_memory_gb", "memory_kind", "mean_loglik_mean")},
             "agreement_with_dense": agreement(recs, dense) if dense is not None else None,
+            **prefill_summary(recs),
             "json": f"{stem}.json",
             "png": f"{stem}.png",
         })
     return rows
+
+
+def prefill_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Attention density and pattern mix of the sparse prefill at the longest length (empty when
+    the config has no prefill stage or no cell was long enough to run sparse)."""
+    longest = max((r["frames"] for r in records), default=0)
+    stats = [r["prefill"] for r in records if r["frames"] == longest and (r.get("prefill") or {}).get("sparse_layers")]
+    if not stats:
+        return {}
+    labels: dict[str, int] = {}
+    for st in stats:
+        for label, count in st.get("label_counts", {}).items():
+            labels[label] = labels.get(label, 0) + count
+    density = sum(st["density_mean"] for st in stats) / len(stats)
+    return {"longest_frames": longest, "attention_density_at_longest": density,
+            "attention_skipped_at_longest": 1 - density, "label_counts_at_longest": labels}
 
 
 def _warm_up(pipes: Mapping[str, VideoQAPipeline], hay: Haystack, needles: Sequence[Needle], root: Path | None,

@@ -263,8 +263,10 @@ def test_cli_runs_and_prints_the_table_last(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     lines = captured.out.strip().splitlines()
-    assert lines[-3].startswith("config") and "accuracy" in lines[-3] and "TTFT" in lines[-3]
-    assert lines[-1].startswith("dense ")
+    # Every built preset runs by default: dense, then balanced (the sparse prefill).
+    assert lines[-4].startswith("config") and "accuracy" in lines[-4] and "TTFT" in lines[-4]
+    assert lines[-2].startswith("dense ") and lines[-1].startswith("balanced ")
+    assert (tmp_path / "vniah-tiny-qwen2.5-vl-balanced.json").is_file()
     assert (tmp_path / "vniah-tiny-qwen2.5-vl-dense.json").is_file()
     assert (tmp_path / "vniah-tiny-qwen2.5-vl-dense.png").is_file()
     assert (tmp_path / "vniah-tiny-qwen2.5-vl-summary.json").is_file()

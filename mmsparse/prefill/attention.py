@@ -34,9 +34,12 @@ class PrefillStats:
         if not self.layers:
             return {"sparse_layers": 0}
         kinds: dict[str, int] = {}
+        labels: dict[str, int] = {}
         for layer in self.layers:
             for kind in layer["kinds"]:
                 kinds[kind] = kinds.get(kind, 0) + 1
+            for label in layer["labels"]:
+                labels[label] = labels.get(label, 0) + 1
         index_s = sum(layer["index_s"] for layer in self.layers)
         attention_s = sum(layer["attention_s"] for layer in self.layers)
         return {
@@ -44,6 +47,7 @@ class PrefillStats:
             "density_mean": sum(layer["density"] for layer in self.layers) / len(self.layers),
             "density_per_layer": {layer["layer"]: round(layer["density"], 4) for layer in self.layers},
             "pattern_counts": kinds,
+            "label_counts": labels,
             "index_share": index_s / max(index_s + attention_s, 1e-12),
         }
 
@@ -53,7 +57,7 @@ class PrefillRequest:
     layout: TokenLayout
     config: PrefillConfig
     stats: PrefillStats = field(default_factory=PrefillStats)
-    plans: dict[int, Any] | None = None  # per-layer fixed kinds from an offline search
+    plans: dict[int, tuple[str, ...]] | None = None  # fixed candidate labels per layer (offline search)
 
 
 _REQUEST: ContextVar[PrefillRequest | None] = ContextVar("mmsparse_prefill_request", default=None)
@@ -113,7 +117,9 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
     if sync:
         torch.cuda.synchronize(query.device)
     started = time.perf_counter()
-    sel = SelectionConfig(gamma=cfg.gamma, block=cfg.block_size, max_density=cfg.max_density, max_error=cfg.max_error)
+    forced = request.plans.get(layer) if request.plans else None
+    sel = SelectionConfig(gamma=cfg.gamma, block=cfg.block_size, max_density=cfg.max_density, max_error=cfg.max_error,
+                          forced=tuple(forced) if forced is not None else None)
     plan = select(query, key, value, request.layout, sel)
     if sync:
         torch.cuda.synchronize(query.device)
@@ -131,7 +137,7 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
         torch.cuda.synchronize(query.device)
     done = time.perf_counter()
     request.stats.layers.append({
-        "layer": layer, "density": plan.density, "kinds": plan.kinds, "budgets": plan.budgets,
+        "layer": layer, "density": plan.density, "kinds": plan.kinds, "budgets": plan.budgets, "labels": plan.labels,
         "recall": plan.recall, "error": plan.error, "index_s": indexed - started, "attention_s": done - indexed,
     })
     return out, None

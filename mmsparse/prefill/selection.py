@@ -36,6 +36,7 @@ class SelectionConfig:
     sink: int = 128
     max_density: float = 0.6  # a head needing more than this goes dense
     max_error: float | None = None  # also accept a candidate whose estimated output error is this low
+    forced: tuple[str, ...] | None = None  # a fixed plan: one candidate label (or "dense") per query head
     kinds: tuple[str, ...] = ("a_shape", "vertical_slash", "block", "grid")
 
 
@@ -43,6 +44,7 @@ class SelectionConfig:
 class Candidate:
     kind: str
     budget: str
+    label: str  # kind and budget relative to the input ("a_shape:1/64", "grid:2F"): what a fixed plan names
     mask: torch.Tensor  # [H or 1, NQ, NK] in its own order
     recall: torch.Tensor  # [H] kept attention mass on the sampled rows
     error: torch.Tensor  # [H] relative output error on the sampled rows
@@ -67,7 +69,7 @@ class LayerPlan:
     grid_order: TokenOrder | None = None
     perm: torch.Tensor | None = None
     inverse: torch.Tensor | None = None
-    notes: dict = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
 
 
 def _video_rows(layout: TokenLayout, n: int, device) -> torch.Tensor:
@@ -135,8 +137,15 @@ def _cost(mask: torch.Tensor, visible: torch.Tensor, video_blocks: torch.Tensor)
     return m.sum((-1, -2)).float() / visible[video_blocks].sum().clamp(min=1)
 
 
-def _ladder(n: int, block: int, shares: tuple[float, ...]) -> list[int]:
-    return sorted({max(block, int(n * s) // block * block) for s in shares})
+def _forced(candidates: list[Candidate], labels: tuple[str, ...], heads: int) -> list[int]:
+    """Candidate number per head for a fixed plan (-1: dense)."""
+    if len(labels) != heads:
+        raise ValueError(f"a fixed plan names {len(labels)} heads but the layer has {heads}")
+    by_label = {c.label: i for i, c in enumerate(candidates)}
+    unknown = sorted({lab for lab in labels if lab != "dense" and lab not in by_label})
+    if unknown:
+        raise ValueError(f"fixed plan labels {unknown} are not candidates here; known: {sorted(by_label)}")
+    return [-1 if lab == "dense" else by_label[lab] for lab in labels]
 
 
 def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, cfg: SelectionConfig) -> LayerPlan:
@@ -157,20 +166,22 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
     stats = RowStats.build(p, v[0], rows // bs, bs)
     candidates: list[Candidate] = []
 
-    def add(kind: str, budget: str, mask: torch.Tensor, columns=None, extra=None, extra_cost=None):
+    def add(kind: str, budget: str, label: str, mask: torch.Tensor, columns=None, extra=None, extra_cost=None):
         rec, err = stats.evaluate(mask, *(extra or (None, None)))
         cost = _cost(mask, visible, video_blocks)
         if extra_cost is not None:
             cost = cost + extra_cost
-        candidates.append(Candidate(kind, budget, mask, rec.expand(hq), err.expand(hq), cost.expand(hq), columns))
+        candidates.append(Candidate(kind, budget, f"{kind}:{label}", mask, rec.expand(hq), err.expand(hq),
+                                    cost.expand(hq), columns))
 
     if "a_shape" in cfg.kinds:
-        for local in _ladder(n, bs, (1 / 64, 1 / 32, 1 / 16, 1 / 8)):
-            add("a_shape", f"sink={cfg.sink},local={local}", band_mask(order, sink=cfg.sink, local=local)[0])
+        for share in (64, 32, 16, 8):
+            local = max(bs, n // share // bs * bs)
+            add("a_shape", f"sink={cfg.sink},local={local}", f"1/{share}", band_mask(order, sink=cfg.sink, local=local)[0])
     if "block" in cfg.kinds:
         scores = pooled_block_scores(q, k, order)
         for g in sorted({cfg.gamma, min(0.99, 1 - (1 - cfg.gamma) / 2)}):
-            add("block", f"gamma={g}", block_topk_mask(scores, order, gamma=g)[0])
+            add("block", f"gamma={g}", f"{g}", block_topk_mask(scores, order, gamma=g)[0])
     if "vertical_slash" in cfg.kinds:
         _vertical_slash_candidates(p, v[0], rows, order, n, cfg, add, visible, video_blocks)
     spans = [(s.start, s.num_frames, s.tokens_per_frame) for s in layout.video_spans if s.tokens_per_frame and s.num_frames > 1]
@@ -183,11 +194,12 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
         pvisible, _ = porder.block_visibility()
         frames = max(f for _, f, _ in spans)
         grid_ctx = (perm, porder, inverse)
-        for width in sorted({2 * frames, 4 * frames, 8 * frames}):
+        for mult in (2, 4, 8):
+            width = mult * frames
             mask = band_mask(porder, sink=cfg.sink, local=width)[0]
             pvideo = torch.nn.functional.pad(visual[perm], (0, nq * bs - n)).view(nq, bs).all(-1)
             rec, err = pstats.evaluate(mask)
-            candidates.append(Candidate("grid", f"band={width}", mask & pvisible[0], rec.expand(hq),
+            candidates.append(Candidate("grid", f"band={width}", f"grid:{mult}F", mask & pvisible[0], rec.expand(hq),
                                         err.expand(hq), _cost(mask, pvisible[0], pvideo).expand(hq)))
     return _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg)
 
@@ -206,8 +218,8 @@ def _vertical_slash_candidates(p, v, rows, order, n, cfg, add, visible, video_bl
     s_score.scatter_add_(1, torch.where(valid, offsets, n).flatten()[None].expand(hq, -1), p.flatten(1))
     s_score = s_score[:, :n]
     s_score[:, : min(bs, n)] = float("inf")  # the local diagonal band
-    for share in (1 / 64, 1 / 32, 1 / 16):
-        n_cols, n_diag = max(64, int(n * share / 4)), max(bs, int(n * share))
+    for share in (64, 32, 16):
+        n_cols, n_diag = max(64, n // share // 4), max(bs, n // share)
         cols = v_score.topk(min(n_cols, n), -1).indices.sort(-1).values  # [H, C]
         diags = s_score.topk(min(n_diag, n), -1).indices
         mask = slash_block_mask(diags[None], order)[0] & visible  # [H, NQ, NK]
@@ -218,7 +230,7 @@ def _vertical_slash_candidates(p, v, rows, order, n, cfg, add, visible, video_bl
         hkv = v.shape[0]
         vc = v[(torch.arange(hq, device=dev) // (hq // hkv))[:, None], cols].float()  # [H, C, D]
         col_cost = cols.shape[1] / bs / visible[video_blocks].sum(-1).float().mean().clamp(min=1)
-        add("vertical_slash", f"columns={cols.shape[1]},diagonals={diags.shape[1]}", mask, columns=cols,
+        add("vertical_slash", f"columns={cols.shape[1]},diagonals={diags.shape[1]}", f"1/{share}", mask, columns=cols,
             extra=(pc.sum(-1), torch.einsum("hsc,hcd->hsd", pc, vc)), extra_cost=col_cost)
 
 
@@ -237,8 +249,11 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> Lay
         chosen = [int(i) if bool(ok[i, h]) else -1 for h, i in enumerate(best.tolist())]
     else:
         chosen = [-1] * hq
+    if cfg.forced is not None:
+        chosen = _forced(candidates, cfg.forced, hq)
     kinds = [candidates[c].kind if c >= 0 else "dense" for c in chosen]
     budgets = [candidates[c].budget if c >= 0 else "" for c in chosen]
+    labels = [candidates[c].label if c >= 0 else "dense" for c in chosen]
     recalls = [float(candidates[c].recall[h]) if c >= 0 else 1.0 for h, c in enumerate(chosen)]
     errors = [float(candidates[c].error[h]) if c >= 0 else 0.0 for h, c in enumerate(chosen)]
     natural = torch.zeros((1, hq, nq, nk), dtype=torch.bool, device=dev)
@@ -261,7 +276,7 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> Lay
             columns[0, h, : len(cols)] = cols.to(torch.int32)
             column_count[0, h] = torch.searchsorted(cols.to(torch.int32), order.q_max[0], right=True).to(torch.int32)
     index = compile_block_mask(natural, order, columns if width else None, column_count if width else None)
-    plan = LayerPlan(kinds, budgets, recalls, errors, 0.0, index, order)
+    plan = LayerPlan(kinds, budgets, recalls, errors, 0.0, index, order, labels=labels)
     computed = float(index.block_count.sum()) + float(index.column_count.sum()) / order.block_n
     if grid_heads and grid_ctx is not None:
         perm, porder, inverse = grid_ctx
