@@ -1,0 +1,189 @@
+"""Prefill benchmark: dense vs sparse time to first token on a Qwen2.5-VL-7B-shaped LLM (GPU).
+
+    python -m mmsparse.eval.bench_prefill                         # 32K..512K video prompts
+    python -m mmsparse.eval.bench_prefill --mix-from eval/results/vniah-toy-qwen2.5-vl-summary.json
+
+Times the language model's prefill of a video prompt (embeddings in, KV cache and last-token
+logits out; the vision tower is not part of it) in one process: dense SDPA as torch dispatches
+it, then the sparse prefill stage. Random weights give flat attention, so the per-head pattern
+mix is fixed (``--mix``, or the mix the toy model chose at its longest VisionNIAH length) and
+every layer still runs the stage's own estimation and index build. The MLP runs in chunks
+(``mmsparse.prefill.chunking``) in both runs, so long prompts fit. Also times attention alone
+(dense vs sparse, layer 0 shapes) to give the bound: prefill speed-up <= 1 / (1 - a + a / s)
+for attention share ``a`` of dense prefill and attention speed-up ``s``.
+Writes ``eval/results/prefill.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mmsparse.eval.dense_smoke import environment
+from mmsparse.layout import Span, TokenLayout
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TOKENS_PER_FRAME = 256  # 448x448 frames: a 16 x 16 grid of LLM tokens per temporal group
+TEXT_BEFORE, TEXT_AFTER = 64, 64
+DEFAULT_MIX = "a_shape:1/64=10,grid:2F=8,vertical_slash:1/64=6,dense=4"
+
+
+def video_prompt(n: int) -> tuple[TokenLayout, torch.Tensor]:
+    """Layout and M-RoPE positions [3, 1, n] of a prompt: text, one video of whole frames, text."""
+    frames = (n - TEXT_BEFORE - TEXT_AFTER) // TOKENS_PER_FRAME
+    video = frames * TOKENS_PER_FRAME
+    n = TEXT_BEFORE + video + TEXT_AFTER
+    starts = tuple(TEXT_BEFORE + i * TOKENS_PER_FRAME for i in range(frames))
+    span = Span("video", TEXT_BEFORE, TEXT_BEFORE + video, grid=(frames, 16, 16), frame_starts=starts,
+                frame_lengths=(TOKENS_PER_FRAME,) * frames)
+    layout = TokenLayout.from_spans(n, [span])
+    pos = torch.empty(3, n, dtype=torch.long)
+    pos[:, :TEXT_BEFORE] = torch.arange(TEXT_BEFORE)
+    idx = torch.arange(video)
+    pos[0, TEXT_BEFORE:TEXT_BEFORE + video] = TEXT_BEFORE + idx // TOKENS_PER_FRAME
+    pos[1, TEXT_BEFORE:TEXT_BEFORE + video] = TEXT_BEFORE + (idx % TOKENS_PER_FRAME) // 16
+    pos[2, TEXT_BEFORE:TEXT_BEFORE + video] = TEXT_BEFORE + idx % 16
+    after = int(pos[:, :TEXT_BEFORE + video].max()) + 1
+    pos[:, TEXT_BEFORE + video:] = after + torch.arange(TEXT_AFTER)
+    return layout, pos[:, None, :]
+
+
+def parse_mix(text: str, heads: int) -> tuple[str, ...]:
+    """"label=count,..." (counts scaled to ``heads`` by largest remainder) -> one label per head."""
+    pairs = [(lab.strip(), float(c)) for lab, c in (item.split("=") for item in text.split(",") if item.strip())]
+    total = sum(c for _, c in pairs)
+    raw = [(lab, c * heads / total) for lab, c in pairs]
+    counts = {lab: int(x) for lab, x in raw}
+    for lab, x in sorted(raw, key=lambda r: r[1] - int(r[1]), reverse=True)[: heads - sum(counts.values())]:
+        counts[lab] += 1
+    return tuple(lab for lab, c in counts.items() for _ in range(c))
+
+
+def mix_from_summary(path: Path) -> str:
+    summary = json.loads(path.read_text())
+    for row in summary["configs"]:
+        if row.get("label_counts_at_longest"):
+            return ",".join(f"{k}={v}" for k, v in row["label_counts_at_longest"].items())
+    raise SystemExit(f"{path} has no sparse config with a pattern mix at its longest length")
+
+
+def prefill_once(model, embeds: torch.Tensor, pos: torch.Tensor) -> tuple[float, float]:
+    """Seconds and peak GB of one prefill (text model forward with a fresh cache + last logits)."""
+    from transformers import DynamicCache
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.model.language_model(inputs_embeds=embeds, position_ids=pos, past_key_values=DynamicCache(),
+                                         use_cache=True)
+        model.lm_head(out.last_hidden_state[:, -1:])
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 1e9
+
+
+def attention_only(n: int, layout: TokenLayout, plans, cfg, reps: int = 2) -> tuple[float, float]:
+    """Dense SDPA vs the sparse stage for one layer's attention at 7B shapes: (dense s, sparse s)."""
+    import torch.nn.functional as F
+
+    from mmsparse.prefill.attention import PrefillRequest, sparse_prefill_attention
+
+    g = torch.Generator(device="cuda").manual_seed(n)
+    q = torch.randn(1, 28, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, 4, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, 4, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    def timed(fn):
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / reps
+
+    dense = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    request = PrefillRequest(layout, cfg, plans=plans)
+    sparse = timed(lambda: sparse_prefill_attention(q, k, v, request, 0, None))
+    return dense, sparse
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[32768, 65536, 131072, 262144, 524288])
+    parser.add_argument("--mix", default=DEFAULT_MIX, help="fixed per-head pattern mix, 'label=count,...'")
+    parser.add_argument("--mix-from", type=Path, help="take the mix from a vniah summary JSON instead")
+    parser.add_argument("--chunk", type=int, default=32768, help="MLP chunk (tokens)")
+    parser.add_argument("--gamma", type=float, default=0.95)
+    parser.add_argument("--out", type=Path, default=RESULTS / "prefill.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_prefill needs a CUDA GPU")
+    from mmsparse.config import PrefillConfig
+    from mmsparse.eval.shapes import qwen2_5_vl_7b
+    from mmsparse.prefill.attention import enable_sparse_prefill, sparse_prefill
+    from mmsparse.prefill.chunking import chunked_mlp
+
+    env = environment()
+    mix_text = mix_from_summary(args.mix_from) if args.mix_from else args.mix
+    model, _ = qwen2_5_vl_7b("cuda")
+    layers = model.config.text_config.num_hidden_layers
+    heads = model.config.text_config.num_attention_heads
+    labels = parse_mix(mix_text, heads)
+    plans = {layer: labels for layer in range(layers)}
+    cfg = PrefillConfig(gamma=args.gamma, min_length=0)
+    print(json.dumps({**env, "mix": mix_text, "labels_per_layer": labels}), flush=True)
+    records = []
+    for n in args.n:
+        layout, pos = video_prompt(n)
+        n = layout.seq_len
+        embeds = torch.randn(1, n, model.config.text_config.hidden_size, device="cuda", dtype=torch.bfloat16) * 0.02
+        pos = pos.cuda()
+        rec = {"gpu": env["gpu"], "torch": env["torch"], "n": n, "config": f"fixed mix {mix_text}", "chunk": args.chunk}
+        try:
+            with chunked_mlp(model, args.chunk):
+                model.set_attn_implementation({"text_config": "sdpa"})
+                prefill_once(model, embeds[:, :4096], pos[..., :4096])  # warm-up
+                dense_s, rec["dense_peak_gb"] = prefill_once(model, embeds, pos)
+                rec["dense_ms"] = dense_s * 1e3
+                enable_sparse_prefill(model)
+                with sparse_prefill(layout, cfg, plans=plans) as request:
+                    sparse_s, rec["peak_gb"] = prefill_once(model, embeds, pos)
+            rec["sparse_ms"] = sparse_s * 1e3
+            summary = request.stats.summary()
+            rec["density"] = summary["density_mean"]
+            rec["index_ms"] = sum(layer["index_s"] for layer in request.stats.layers) * 1e3
+            rec["attention_ms"] = sum(layer["attention_s"] for layer in request.stats.layers) * 1e3
+            rec["pattern_counts"] = summary["pattern_counts"]
+            rec["speedup"] = rec["dense_ms"] / rec["sparse_ms"]
+            dense_attn, sparse_attn = attention_only(n, layout, plans, cfg)
+            share = min(1.0, dense_attn * layers * 1e3 / rec["dense_ms"])
+            speed = dense_attn / sparse_attn
+            rec.update({"attention_share_dense": share, "attention_speedup_layer0": speed,
+                        "speedup_bound": 1 / (1 - share + share / speed)})
+        except torch.OutOfMemoryError as err:
+            rec["error"] = f"out of memory: {err}"[:200]
+        finally:
+            model.set_attn_implementation({"text_config": "sdpa"})
+            torch.cuda.empty_cache()
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(records, indent=1) + "\n")
+    print(f"\n{'n':>7} {'dense ms':>9} {'sparse ms':>9} {'x':>5} {'bound':>6} {'density':>7} {'index ms':>8} {'peak GB':>7}")
+    for r in records:
+        if "error" in r:
+            print(f"{r['n']:>7} {r['error']}")
+            continue
+        print(f"{r['n']:>7} {r['dense_ms']:9.0f} {r['sparse_ms']:9.0f} {r['speedup']:5.2f} {r['speedup_bound']:6.2f} "
+              f"{r['density']:7.3f} {r['index_ms']:8.0f} {r['peak_gb']:7.1f}")
+    return records
+
+
+if __name__ == "__main__":
+    main()
