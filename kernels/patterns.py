@@ -132,6 +132,16 @@ def slash_block_mask(diags: torch.Tensor, order: TokenOrder) -> torch.Tensor:
     return table.gather(-1, offset.flatten(1)[:, None, :].expand(bsz, hq, -1)).view(bsz, hq, nq, nk)
 
 
+def _block_sum(x: torch.Tensor, valid: torch.Tensor, block: int, blocks: int) -> torch.Tensor:
+    """Sum of the valid rows of x [B, H, M, D] per block of rows, in float32: [B, H, blocks, D].
+    No float copy of x, and no masked copy unless some row is padding."""
+    bsz, h, m, d = x.shape
+    if not bool(valid.all()):
+        x = x * valid[:, None, :, None].to(x.dtype)
+    x = torch.nn.functional.pad(x, (0, 0, 0, blocks * block - m)) if blocks * block != m else x
+    return x.reshape(bsz, h, blocks, block, d).sum(3, dtype=torch.float32)
+
+
 def pooled_block_scores(q: torch.Tensor, k: torch.Tensor, order: TokenOrder) -> torch.Tensor:
     """[B, Hq, NQ, NK] scores of mean-pooled query blocks against mean-pooled key blocks (padding
     excluded), -inf where no query of the block sees any key of it."""
@@ -139,12 +149,11 @@ def pooled_block_scores(q: torch.Tensor, k: torch.Tensor, order: TokenOrder) -> 
     hkv, mk = k.shape[1], k.shape[2]
     bm, bn = order.block_m, order.block_n
     nq, nk = order.num_q_blocks, order.num_k_blocks
-    qv = (order.q_pos >= 0).to(q.dtype)
-    kv = (order.k_pos != 2**31 - 1).to(k.dtype)
-    qp = torch.nn.functional.pad(q * qv[:, None, :, None], (0, 0, 0, nq * bm - mq)).view(bsz, hq, nq, bm, d).float().sum(3)
-    kp = torch.nn.functional.pad(k * kv[:, None, :, None], (0, 0, 0, nk * bn - mk)).view(bsz, hkv, nk, bn, d).float().sum(3)
-    qn = torch.nn.functional.pad(qv, (0, nq * bm - mq)).view(bsz, nq, bm).float().sum(-1).clamp(min=1)
-    kn = torch.nn.functional.pad(kv, (0, nk * bn - mk)).view(bsz, nk, bn).float().sum(-1).clamp(min=1)
+    qv, kv = order.q_pos >= 0, order.k_pos != KEY_PAD
+    qp = _block_sum(q, qv, bm, nq)
+    kp = _block_sum(k, kv, bn, nk)
+    qn = torch.nn.functional.pad(qv, (0, nq * bm - mq)).view(bsz, nq, bm).sum(-1).clamp(min=1)
+    kn = torch.nn.functional.pad(kv, (0, nk * bn - mk)).view(bsz, nk, bn).sum(-1).clamp(min=1)
     qp, kp = qp / qn[:, None, :, None], kp / kn[:, None, :, None]
     s = torch.einsum("bgrqd,bgkd->bgrqk", qp.view(bsz, hkv, hq // hkv, nq, d), kp).reshape(bsz, hq, nq, nk)
     visible, _ = order.block_visibility()
