@@ -69,3 +69,43 @@ def reference_sparse_attention(
     out, lse = masked_attention(q, k, v, index_token_mask(index, order), scale=scale, head_map=head_map)
     pad = (order.q_pos < 0)[:, :, None, None]
     return out.masked_fill(pad, 0.0), lse
+
+
+def chunked_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: SparseIndex,
+    order: TokenOrder,
+    *,
+    scale: float | None = None,
+    head_map: torch.Tensor | None = None,
+    rows_per_chunk: int = 1024,
+) -> torch.Tensor:
+    """The kernel's semantics in torch, a chunk of query rows at a time (memory O(chunk x Mk)):
+    the backend on CPUs, where Triton has no compiled target. Returns [B, Mq, Hq, D]."""
+    bsz, hq, mq, d = q.shape
+    mk = k.shape[2]
+    kv_of = head_map.long() if head_map is not None else torch.arange(hq, device=q.device) // (hq // k.shape[1])
+    kf, vf = k[:, kv_of], v[:, kv_of]
+    out = q.new_zeros((bsz, mq, hq, d))
+    heads = index.block_mask.shape[1]
+    bm, bn = index.block_m, index.block_n
+    step = max(bm, rows_per_chunk // bm * bm)
+    for start in range(0, mq, step):  # a few dozen chunks of a long prompt
+        end = min(mq, start + step)
+        qb = slice(start // bm, -(-end // bm))
+        blocks = index.block_mask[:, :, qb].repeat_interleave(bm, 2)[:, :, : end - start + start % bm]
+        tokens = blocks.repeat_interleave(bn, 3)[..., :mk]
+        if index.columns.shape[-1]:
+            take = torch.arange(index.columns.shape[-1], device=q.device) < index.column_count[:, :, qb, None]
+            cols = torch.zeros((bsz, heads, take.shape[2], mk + 1), dtype=torch.bool, device=q.device)
+            cols.scatter_(-1, torch.where(take, index.columns[:, :, None, :].long(), mk), True)
+            tokens = tokens | cols[..., :mk].repeat_interleave(bm, 2)[:, :, : tokens.shape[2]]
+        tokens = tokens[:, :, start % bm:][:, :, : end - start]
+        mask = tokens & (order.k_pos[:, None, None, :] <= order.q_pos[:, None, start:end, None])
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, start:end], kf, vf, attn_mask=mask, scale=scale)
+        seen = mask.any(-1) & (order.q_pos[:, None, start:end] >= 0)
+        out[:, start:end] = torch.where(seen[..., None], o, 0.0).transpose(1, 2)
+    return out

@@ -10,6 +10,7 @@ Semantics, index format and positions: ``index.py``. Reference: ``reference.py``
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -177,10 +178,18 @@ def sparse_attention(
     use_tma: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparse causal attention. q [B, Hq, Mq, D], k/v [B, Hkv, Mk, D] (any strides with a
-    contiguous last axis). Returns [B, Mq, Hq, D] (the layout transformers' attention functions
+    contiguous last axis). On a CPU without the Triton interpreter it runs the same semantics
+    in chunked torch (``reference.chunked_sparse_attention``). Returns [B, Mq, Hq, D] (the layout transformers' attention functions
     return), or write into ``out`` of that shape; with ``return_lse`` also the natural-log
     log-sum-exp [B, Hq, Mq] in float32 (-inf for rows that see nothing), for merging partials."""
     _check(q, k, v, order, index, head_map)
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if return_lse:
+            raise ValueError("return_lse needs the Triton kernel (a CUDA device, or TRITON_INTERPRET=1 on the CPU)")
+        from .reference import chunked_sparse_attention
+
+        result = chunked_sparse_attention(q, k, v, index, order, scale=scale, head_map=head_map)
+        return out.copy_(result) if out is not None else result
     bsz, hq, mq, d = q.shape
     hkv, mk = k.shape[1], k.shape[2]
     if out is None:

@@ -610,3 +610,28 @@ def test_token_order_padding_positions():
     order = causal_order(4, 6, 16, 16, q_lens=[4, 2], kv_lens=[6, 3])
     assert order.q_pos.tolist() == [[2, 3, 4, 5], [1, 2, QUERY_PAD, QUERY_PAD]]
     assert order.k_pos.tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, KEY_PAD, KEY_PAD, KEY_PAD]]
+
+
+@pytest.mark.parametrize("rows_per_chunk", [16, 48, 4096])
+@pytest.mark.parametrize("with_columns", [False, True])
+def test_cpu_chunked_backend_matches_reference(rows_per_chunk, with_columns, monkeypatch):
+    """Without CUDA and without the interpreter, sparse_attention runs the chunked torch backend."""
+    from mmsparse.kernels.reference import chunked_sparse_attention
+
+    g = torch.Generator().manual_seed(11)
+    b, hq, hkv, mq, mk, d = 2, 4, 2, 50, 77, 32
+    q, k, v = (torch.randn(b, h, m, d, generator=g) for h, m in ((hq, mq), (hkv, mk), (hkv, mk)))
+    order = causal_order(mq, mk, 16, 16, q_lens=[50, 30], kv_lens=[77, 60], batch=b)
+    mask = torch.rand(b, hq, order.num_q_blocks, order.num_k_blocks, generator=g) < 0.3
+    cols = counts = None
+    if with_columns:
+        cols = torch.stack([torch.randperm(mk, generator=g)[:9].sort().values for _ in range(b * hq)]).view(b, hq, 9)
+        counts = torch.randint(0, 10, (b, hq, order.num_q_blocks), generator=g)
+    index = compile_block_mask(mask, order, cols, counts)
+    want, _ = reference_sparse_attention(q, k, v, index, order)
+    got = chunked_sparse_attention(q, k, v, index, order, rows_per_chunk=rows_per_chunk)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch.testing.assert_close(sparse_attention(q, k, v, index, order), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="return_lse"):
+        sparse_attention(q, k, v, index, order, return_lse=True)
