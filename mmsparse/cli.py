@@ -1,5 +1,6 @@
-"""Command line: ``mmsparse qa VIDEO "question" [--model M] [--sparse PRESET] [--fps ...]`` and
-``mmsparse vniah [--model M] [--frames N ...] [--depths D ...] [--configs dense ...]``.
+"""Command line: ``mmsparse qa VIDEO "question" [--model M] [--sparse PRESET] [--fps ...]``,
+``mmsparse vniah [--model M] [--frames N ...] [--depths D ...] [--configs dense ...]`` and
+``mmsparse search --videos V ... [--model M]`` (offline sparse-prefill pattern search).
 
 Answers and stats go to stdout (``--json`` for machine output); logs go to stderr. Bad input
 prints one line ``error: ...`` and exits non-zero, never a traceback.
@@ -80,6 +81,23 @@ def _add_vniah(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--json", action="store_true", help="print the summary as one JSON object instead of the table")
     v.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
 
+    s = sub.add_parser(
+        "search",
+        help="offline sparse-prefill pattern search: per layer and head, the cheapest pattern that keeps the attention",
+        description="Runs the model's exact forward on each video and scores every candidate pattern against the "
+        "exact attention of sampled video rows; writes a JSON plan the prefill stage uses (PrefillConfig(plan=...)).",
+    )
+    s.add_argument("--model", help="hub id, local path, or mmsparse/toy-qwen2.5-vl (the default)")
+    s.add_argument("--videos", nargs="+", required=True, metavar="VIDEO", help="videos to search on (sample:NAME works)")
+    s.add_argument("--question", default="Describe the video.", help="question of the prompt")
+    s.add_argument("--preset", default="balanced", help="preset whose prefill rule (gamma, max_error) decides")
+    s.add_argument("--sample-queries", type=int, default=256, help="video rows whose exact attention is measured")
+    s.add_argument("--out", help="plan JSON (default: eval/results/search-<model>.json)")
+    s.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    s.add_argument("--dtype", help="bfloat16, float16, float32")
+    s.add_argument("--json", action="store_true", help="print the plan JSON instead of the per-layer summary")
+    s.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
+    _add_sampling(s)
 
 _SAMPLING_ARGS = ("fps", "nframes", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels", "start", "end")
 
@@ -145,6 +163,45 @@ def run_vniah(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def run_search(args: argparse.Namespace) -> dict[str, Any]:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from .config import PRESETS
+    from .errors import ConfigError
+    from .eval.vniah import RESULTS_DIR, model_slug
+    from .loading import load
+    from .prefill.search import search_patterns
+
+    preset = PRESETS.get(args.preset)
+    if preset is None or preset.prefill is None:
+        raise ConfigError(f"--preset {args.preset!r} has no prefill stage; use one of "
+                          f"{', '.join(n for n, c in PRESETS.items() if c.prefill is not None)}")
+    model = _model_or_default(args.model)
+    videos = []
+    for video in args.videos:
+        if video.startswith("sample:"):
+            from .media import sample_video
+
+            video = str(sample_video(video.removeprefix("sample:")))
+        videos.append(video)
+    adapter = load(model, device=args.device, dtype=args.dtype)
+    sampling = {k: getattr(args, k) for k in _SAMPLING_ARGS if getattr(args, k) is not None}
+    plan = search_patterns(adapter, videos, question=args.question, config=replace(preset.prefill, min_length=0),
+                           sampling=sampling, sample_queries=args.sample_queries)
+    out = Path(args.out) if args.out else Path(RESULTS_DIR) / f"search-{model_slug(str(model))}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(plan, indent=1) + "\n")
+    plan["out"] = str(out)
+    return plan
+
+
+def _print_search(plan: dict[str, Any]) -> None:
+    log.info("wrote %s", plan["out"])
+    for layer, labels in plan["layers"].items():
+        print(f"layer {layer}: " + " ".join(labels))
+
+
 def _print_vniah(summary: dict[str, Any]) -> None:
     from .eval.vniah import format_table
 
@@ -179,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-    run, show = {"qa": (run_qa, _print_text), "vniah": (run_vniah, _print_vniah)}[args.command]
+    run, show = {"qa": (run_qa, _print_text), "vniah": (run_vniah, _print_vniah),
+                 "search": (run_search, _print_search)}[args.command]
     try:
         out = run(args)
     except MMSparseError as err:

@@ -49,6 +49,7 @@ class PrefillConfig:
     # this (None: attention mass alone decides). Flat heads over redundant video keep little mass
     # in any small pattern yet lose almost nothing in their output.
     max_error: float | None = None
+    plan: str | None = None  # per-head labels from `mmsparse search` (JSON path); None: choose from each input
 
     def __post_init__(self) -> None:
         _check_fraction(self, "gamma")

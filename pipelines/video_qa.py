@@ -169,7 +169,22 @@ class VideoQAPipeline(Pipeline):
             return contextlib.nullcontext()
         from ..prefill.attention import sparse_prefill
 
-        return sparse_prefill(layout, self.sparse_config.prefill)
+        return sparse_prefill(layout, self.sparse_config.prefill, plans=self._prefill_plan())
+
+    def _prefill_plan(self):
+        """Per-layer labels from an offline search: the config's ``plan``, else a plan file stored
+        in the model's directory, else None (choose from each input)."""
+        if not hasattr(self, "_plan_cache"):
+            from pathlib import Path
+
+            from ..prefill.search import PLAN_FILE, load_plan
+
+            path = self.sparse_config.prefill.plan
+            local = Path(str(getattr(self.model, "name_or_path", ""))) / PLAN_FILE
+            if path is None and local.is_file():
+                path = local
+            self._plan_cache = load_plan(path) if path is not None else None
+        return self._plan_cache
 
     def postprocess(self, model_outputs: dict[str, Any], return_layout: bool = False):
         answer = self.processor.tokenizer.decode(model_outputs["new_ids"], skip_special_tokens=True).strip()

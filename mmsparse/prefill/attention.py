@@ -58,6 +58,8 @@ class PrefillRequest:
     config: PrefillConfig
     stats: PrefillStats = field(default_factory=PrefillStats)
     plans: dict[int, tuple[str, ...]] | None = None  # fixed candidate labels per layer (offline search)
+    collect: dict[int, list[dict]] | None = None  # search mode: candidate tables per layer; output stays dense
+    sample_queries: int = 64
 
 
 _REQUEST: ContextVar[PrefillRequest | None] = ContextVar("mmsparse_prefill_request", default=None)
@@ -104,6 +106,14 @@ def mmsparse_attention(
         or (attention_mask is not None and not bool(attention_mask.all() if attention_mask.dtype == torch.bool else True))
         or module.training
     ):
+        return _dense(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if request.collect is not None:  # offline search: measure every candidate, compute exactly
+        from .selection import SelectionConfig, select
+
+        cfg = request.config
+        sel = SelectionConfig(gamma=cfg.gamma, block=cfg.block_size, max_density=1.0, max_error=cfg.max_error,
+                              sample_queries=request.sample_queries)
+        request.collect.setdefault(layer, []).append(select(query, key, value, request.layout, sel).table)
         return _dense(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     return sparse_prefill_attention(query, key, value, request, layer, scaling)
 

@@ -70,6 +70,7 @@ class LayerPlan:
     perm: torch.Tensor | None = None
     inverse: torch.Tensor | None = None
     labels: list[str] = field(default_factory=list)
+    table: dict = field(default_factory=dict)  # every candidate's per-head recall, error and cost
 
 
 def _video_rows(layout: TokenLayout, n: int, device) -> torch.Tensor:
@@ -277,6 +278,8 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> Lay
             column_count[0, h] = torch.searchsorted(cols.to(torch.int32), order.q_max[0], right=True).to(torch.int32)
     index = compile_block_mask(natural, order, columns if width else None, column_count if width else None)
     plan = LayerPlan(kinds, budgets, recalls, errors, 0.0, index, order, labels=labels)
+    plan.table = {c.label: {"recall": c.recall.tolist(), "error": c.error.tolist(), "cost": c.cost.tolist()}
+                  for c in candidates}
     computed = float(index.block_count.sum()) + float(index.column_count.sum()) / order.block_n
     if grid_heads and grid_ctx is not None:
         perm, porder, inverse = grid_ctx
