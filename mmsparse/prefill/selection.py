@@ -22,7 +22,7 @@ import torch
 
 from ..layout import TokenLayout
 from ..kernels.index import SparseIndex, TokenOrder, compile_block_mask
-from ..kernels.patterns import band_mask, block_topk_mask, pooled_block_scores, slash_block_mask
+from ..kernels.patterns import band_mask, block_topk_mask, diagonal_sums, pooled_block_scores, slash_block_mask
 from ..kernels.permute import grid_permutation, inverse_permutation, permuted_order
 
 KINDS = ("a_shape", "vertical_slash", "block", "grid", "dense")
@@ -61,7 +61,7 @@ class LayerPlan:
     budgets: list[str]
     recall: list[float]  # estimated kept mass per head (sampled rows)
     error: list[float]  # estimated relative output error per head (sampled rows)
-    density: float  # computed share of the causal block area, all heads
+    density: float  # query-key pairs computed (whole blocks, columns) / causal pairs, all heads
     natural: SparseIndex
     order: TokenOrder
     grid_heads: torch.Tensor | None = None
@@ -106,6 +106,7 @@ class RowStats:
     mass: torch.Tensor
     pv: torch.Tensor
     row_blocks: torch.Tensor  # [S] query block of each sampled row
+    p_rows: torch.Tensor  # [H, S, N] the sampled rows' attention (for single columns)
 
     @classmethod
     def build(cls, p: torch.Tensor, v: torch.Tensor, row_blocks: torch.Tensor, block: int) -> "RowStats":
@@ -115,7 +116,7 @@ class RowStats:
         pb = torch.nn.functional.pad(p, (0, nk * block - n)).view(hkv, h // hkv, s, nk, block)
         vb = torch.nn.functional.pad(v.float(), (0, 0, 0, nk * block - n)).view(hkv, nk, block, d)
         pv = torch.einsum("grsjb,gjbd->grsjd", pb, vb).reshape(h, s, nk, d)
-        return cls(pb.sum(-1).reshape(h, s, nk), pv, row_blocks)
+        return cls(pb.sum(-1).reshape(h, s, nk), pv, row_blocks, p)
 
     def evaluate(self, mask: torch.Tensor, extra_mass: torch.Tensor | None = None,
                  extra_pv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,8 +150,16 @@ def _forced(candidates: list[Candidate], labels: tuple[str, ...], heads: int) ->
     return [-1 if lab == "dense" else by_label[lab] for lab in labels]
 
 
+A_SHAPE_LOCAL = (512, 1024, 2048, 4096, 8192)  # tokens: locality is absolute, not a share of the prompt
+VERTICAL_SLASH = ((250, 512), (500, 1024), (1000, 2048), (1000, 4096))  # (columns, nearest-first diagonals)
+GRID_BANDS = (2, 4, 8)  # band width in the permuted order, in multiples of the frame count
+
+
 def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, cfg: SelectionConfig) -> LayerPlan:
-    """Choose a pattern per query head for one layer's prefill (batch 1, queries = keys)."""
+    """Choose a pattern per query head for one layer's prefill (batch 1, queries = keys).
+
+    With ``cfg.forced`` (a fixed plan) only the named candidates are built and nothing is
+    scored: the index build is then a few tensor ops per pattern."""
     _, hq, n, _ = q.shape
     dev = q.device
     bs = cfg.block
@@ -162,77 +171,97 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
     padded = torch.nn.functional.pad(visual, (0, nq * bs - n))
     video_blocks = padded.view(nq, bs).all(-1)  # query blocks with no text row
     text_blocks = ~video_blocks
-    rows = _sample_rows(visual, cfg.sample_queries)
-    p = _sampled_attention(q, k, rows)
-    stats = RowStats.build(p, v[0], rows // bs, bs)
+    wanted = None if cfg.forced is None else set(cfg.forced)
+    stats = None
+    if wanted is None:
+        rows = _sample_rows(visual, cfg.sample_queries)
+        p = _sampled_attention(q, k, rows)
+        stats = RowStats.build(p, v[0], rows // bs, bs)
     candidates: list[Candidate] = []
 
-    def add(kind: str, budget: str, label: str, mask: torch.Tensor, columns=None, extra=None, extra_cost=None):
-        rec, err = stats.evaluate(mask, *(extra or (None, None)))
-        cost = _cost(mask, visible, video_blocks)
+    def want(label: str) -> bool:
+        return wanted is None or label in wanted
+
+    def add(kind: str, budget: str, label: str, mask: torch.Tensor, columns=None, extra=None, extra_cost=None,
+            row_stats=None, cost_rows=None, vis=None):
+        row_stats = row_stats or stats
+        if row_stats is not None:
+            rec, err = row_stats.evaluate(mask, *(extra or (None, None)))
+        else:
+            rec = err = torch.full((1,), float("nan"), device=dev)
+        cost = _cost(mask, visible if vis is None else vis, video_blocks if cost_rows is None else cost_rows)
         if extra_cost is not None:
             cost = cost + extra_cost
         candidates.append(Candidate(kind, budget, f"{kind}:{label}", mask, rec.expand(hq), err.expand(hq),
                                     cost.expand(hq), columns))
 
     if "a_shape" in cfg.kinds:
-        for share in (64, 32, 16, 8):
-            local = max(bs, n // share // bs * bs)
-            add("a_shape", f"sink={cfg.sink},local={local}", f"1/{share}", band_mask(order, sink=cfg.sink, local=local)[0])
+        for local in A_SHAPE_LOCAL:
+            if (local < n or local == A_SHAPE_LOCAL[0]) and want(f"a_shape:{local}"):
+                add("a_shape", f"sink={cfg.sink},local={local}", f"{local}", band_mask(order, sink=cfg.sink, local=local)[0])
     if "block" in cfg.kinds:
-        scores = pooled_block_scores(q, k, order)
-        for g in sorted({cfg.gamma, min(0.99, 1 - (1 - cfg.gamma) / 2)}):
-            add("block", f"gamma={g}", f"{g}", block_topk_mask(scores, order, gamma=g)[0])
+        gammas = [g for g in sorted({cfg.gamma, min(0.99, 1 - (1 - cfg.gamma) / 2)}) if want(f"block:{g}")]
+        if gammas:
+            scores = pooled_block_scores(q, k, order)
+            for g in gammas:
+                add("block", f"gamma={g}", f"{g}", block_topk_mask(scores, order, gamma=g)[0])
     if "vertical_slash" in cfg.kinds:
-        _vertical_slash_candidates(p, v[0], rows, order, n, cfg, add, visible, video_blocks)
+        budgets = [(c, d) for c, d in VERTICAL_SLASH if want(f"vertical_slash:{c}/{d}")]
+        if budgets:
+            _vertical_slash_candidates(q, k, v[0], visual, order, n, cfg, add, visible, video_blocks, budgets, stats)
     spans = [(s.start, s.num_frames, s.tokens_per_frame) for s in layout.video_spans if s.tokens_per_frame and s.num_frames > 1]
     grid_ctx = None
-    if "grid" in cfg.kinds and spans:
+    mults = [m for m in GRID_BANDS if want(f"grid:{m}F")]
+    if "grid" in cfg.kinds and spans and mults:
         perm = grid_permutation(n, spans, device=dev)
         porder = permuted_order(perm, 1, bs, bs)
         inverse = inverse_permutation(perm)
-        pstats = RowStats.build(p[:, :, perm], v[0][:, perm], inverse[rows] // bs, bs)
+        pstats = None if stats is None else RowStats.build(p[:, :, perm], v[0][:, perm], inverse[rows] // bs, bs)
         pvisible, _ = porder.block_visibility()
+        pvideo = torch.nn.functional.pad(visual[perm], (0, nq * bs - n)).view(nq, bs).all(-1)
         frames = max(f for _, f, _ in spans)
         grid_ctx = (perm, porder, inverse)
-        for mult in (2, 4, 8):
-            width = mult * frames
-            mask = band_mask(porder, sink=cfg.sink, local=width)[0]
-            pvideo = torch.nn.functional.pad(visual[perm], (0, nq * bs - n)).view(nq, bs).all(-1)
-            rec, err = pstats.evaluate(mask)
-            candidates.append(Candidate("grid", f"band={width}", f"grid:{mult}F", mask & pvisible[0], rec.expand(hq),
-                                        err.expand(hq), _cost(mask, pvisible[0], pvideo).expand(hq)))
+        for mult in mults:
+            mask = band_mask(porder, sink=cfg.sink, local=mult * frames)[0] & pvisible[0]
+            add("grid", f"band={mult * frames}", f"{mult}F", mask, row_stats=pstats, cost_rows=pvideo, vis=pvisible[0])
     return _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg)
 
 
-def _vertical_slash_candidates(p, v, rows, order, n, cfg, add, visible, video_blocks):
-    """Columns by summed attention, diagonals by attention summed along each diagonal, over the
-    sampled rows; recall counts column mass outside the chosen blocks once."""
-    hq, s, _ = p.shape
+def _vertical_slash_candidates(q, k, v, visual, order, n, cfg, add, visible, video_blocks, budgets, stats):
+    """MInference's estimate on the last ``last_q`` video rows (consecutive, so diagonal sums are
+    one strided view): columns by summed attention, diagonals by attention summed along each
+    diagonal, the nearest diagonals first. When scoring, recall counts column mass outside the
+    chosen blocks once."""
+    hq = q.shape[1]
     bs = cfg.block
-    dev = p.device
-    v_score = p.sum(1)
+    dev = q.device
+    video_rows = torch.nonzero(visual).flatten()
+    last = video_rows[-min(64, len(video_rows)):]
+    last = last[last >= last[-1] - len(last) + 1]  # the consecutive tail of the last video span
+    p_last = _sampled_attention(q, k, last)
+    v_score = p_last.sum(1)
     v_score[:, : min(cfg.sink, n)] = float("inf")
-    offsets = (rows[:, None] - torch.arange(n, device=dev)[None, :])  # [S, N]
-    valid = offsets >= 0
-    s_score = torch.zeros((hq, n + 1), device=dev)
-    s_score.scatter_add_(1, torch.where(valid, offsets, n).flatten()[None].expand(hq, -1), p.flatten(1))
-    s_score = s_score[:, :n]
-    s_score[:, : min(bs, n)] = float("inf")  # the local diagonal band
-    for share in (64, 32, 16):
-        n_cols, n_diag = max(64, n // share // 4), max(bs, n // share)
+    s_score = diagonal_sums(p_last[None], last[None].to(torch.int32))[0]
+    for n_cols, n_diag in budgets:
         cols = v_score.topk(min(n_cols, n), -1).indices.sort(-1).values  # [H, C]
-        diags = s_score.topk(min(n_diag, n), -1).indices
+        s = s_score.clone()
+        s[:, : min(n_diag // 2, n)] = float("inf")  # half the diagonals: the nearest band
+        diags = s.topk(min(n_diag, n), -1).indices
         mask = slash_block_mask(diags[None], order)[0] & visible  # [H, NQ, NK]
-        # Columns on sampled rows, outside the row's chosen blocks: their mass and value sums.
-        pc = p.gather(2, cols[:, None, :].expand(-1, s, -1))  # [H, S, C]
-        in_block = mask[:, rows // bs].gather(2, (cols // bs)[:, None, :].expand(-1, s, -1))
-        pc = pc * ~in_block
-        hkv = v.shape[0]
-        vc = v[(torch.arange(hq, device=dev) // (hq // hkv))[:, None], cols].float()  # [H, C, D]
+        extra = None
+        if stats is not None:  # columns on the scored rows, outside the row's chosen blocks
+            rows_blocks = stats.row_blocks
+            s_rows = stats.mass.shape[1]
+            p_rows = stats.p_rows
+            pc = p_rows.gather(2, cols[:, None, :].expand(-1, s_rows, -1))  # [H, S, C]
+            in_block = mask[:, rows_blocks].gather(2, (cols // bs)[:, None, :].expand(-1, s_rows, -1))
+            pc = pc * ~in_block
+            hkv = v.shape[0]
+            vc = v[(torch.arange(hq, device=dev) // (hq // hkv))[:, None], cols].float()  # [H, C, D]
+            extra = (pc.sum(-1), torch.einsum("hsc,hcd->hsd", pc, vc))
         col_cost = cols.shape[1] / bs / visible[video_blocks].sum(-1).float().mean().clamp(min=1)
-        add("vertical_slash", f"columns={cols.shape[1]},diagonals={diags.shape[1]}", f"1/{share}", mask, columns=cols,
-            extra=(pc.sum(-1), torch.einsum("hsc,hcd->hsd", pc, vc)), extra_cost=col_cost)
+        add("vertical_slash", f"columns={cols.shape[1]},diagonals={diags.shape[1]}", f"{n_cols}/{n_diag}", mask,
+            columns=cols, extra=extra, extra_cost=col_cost)
 
 
 def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> LayerPlan:
@@ -280,7 +309,8 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> Lay
     plan = LayerPlan(kinds, budgets, recalls, errors, 0.0, index, order, labels=labels)
     plan.table = {c.label: {"recall": c.recall.tolist(), "error": c.error.tolist(), "cost": c.cost.tolist()}
                   for c in candidates}
-    computed = float(index.block_count.sum()) + float(index.column_count.sum()) / order.block_n
+    area = order.block_m * order.block_n  # pairs per block, in either order
+    computed = float(index.block_count.sum()) * area + float(index.column_count.sum()) * order.block_m
     if grid_heads and grid_ctx is not None:
         perm, porder, inverse = grid_ctx
         masks = torch.stack([candidates[chosen[h]].mask[0] for h in grid_heads])[None]  # grid masks are head-free
@@ -291,7 +321,8 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> Lay
         plan.grid = compile_block_mask(masks, porder)
         plan.grid_heads = torch.tensor(grid_heads, device=dev)
         plan.grid_order, plan.perm, plan.inverse = porder, perm, inverse
-        computed += float(plan.grid.block_count.sum())
-    plan.density = computed / (float(visible.sum()) * hq)
+        computed += float(plan.grid.block_count.sum()) * area
+    n = order.q_pos.shape[1]
+    plan.density = computed / (hq * n * (n + 1) / 2)
     return plan
 
