@@ -100,9 +100,10 @@ class SparseConfig:
 PRESETS: dict[str, SparseConfig] = {
     "dense": SparseConfig(),
     # A head goes sparse when its pattern keeps 95% of the sampled rows' attention mass or changes
-    # their attention output by at most 5% (flat heads over redundant video frames).
-    "balanced": SparseConfig(prefill=PrefillConfig(gamma=0.95, max_error=0.05)),
-    "fast": SparseConfig(encode=EncodeConfig(), prefill=PrefillConfig(gamma=0.9, max_error=0.1), decode=DecodeConfig()),
+    # their attention output by at most 20% (flat heads over redundant video frames). On the toy
+    # model's VisionNIAH this kept dense accuracy at 8K and 16K video tokens (eval/results).
+    "balanced": SparseConfig(prefill=PrefillConfig(gamma=0.95, max_error=0.2)),
+    "fast": SparseConfig(encode=EncodeConfig(), prefill=PrefillConfig(gamma=0.9, max_error=0.3), decode=DecodeConfig()),
 }
 DEFAULT_SPARSE_PRESET = "balanced"
 
