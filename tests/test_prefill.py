@@ -1,0 +1,734 @@
+"""The sparse prefill stage (``mmsparse.prefill``): exactness, when it runs, sparsity, selection.
+
+On a machine without CUDA the Triton kernel runs under the interpreter (``TRITON_INTERPRET=1``,
+set in conftest.py and here before triton is first imported), which is slow: every prompt below
+is a few hundred tokens, blocks are 16, and models are float32 (``tl.dot`` on bfloat16 is wrong in
+the interpreter). Each model test builds its own models: ``enable_sparse_prefill`` changes the
+model it is given, so the session fixtures of the other test files are never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import math
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # never turn a real GPU run into an interpreted one
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import mmsparse  # noqa: E402
+from mmsparse.config import PrefillConfig, SparseConfig  # noqa: E402
+from mmsparse.errors import ConfigError  # noqa: E402
+from mmsparse.kernels.reference import index_token_mask, masked_attention, reference_sparse_attention  # noqa: E402
+from mmsparse.kernels.sparse_attention import sparse_attention  # noqa: E402
+from mmsparse.layout import Span, TokenLayout  # noqa: E402
+from mmsparse.loading import TOY_MODEL  # noqa: E402
+from mmsparse.models import adapter_class  # noqa: E402
+from mmsparse.prefill import attention as prefill_attention  # noqa: E402
+from mmsparse.prefill import selection  # noqa: E402
+from mmsparse.prefill.attention import (  # noqa: E402
+    PrefillRequest,
+    enable_sparse_prefill,
+    mmsparse_attention,
+    sparse_prefill,
+    sparse_prefill_attention,
+)
+from mmsparse.prefill.selection import RowStats, SelectionConfig, select  # noqa: E402
+from mmsparse.testing import synthetic_frames, tiny_llava_onevision, tiny_qwen2_5_vl  # noqa: E402
+from mmsparse.video import SamplingOptions, load_video  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+# float32 end to end; on a GPU tl.dot reads float32 as TF32, so the kernel is only TF32-exact there.
+EXACT = dict(atol=1e-4, rtol=1e-4) if DEVICE == "cpu" else dict(atol=5e-3, rtol=5e-3)
+KERNEL = dict(atol=2e-5, rtol=1e-4) if DEVICE == "cpu" else dict(atol=5e-3, rtol=5e-3)
+
+QUESTION = "What colour is the square?"
+# Every head dense or covering: gamma=1 keeps all the attention mass, max_density=1 allows all blocks.
+COVER = PrefillConfig(min_length=0, block_size=16, gamma=1.0, max_density=1.0)
+# A real budget: half the mass, or an estimated output error of at most 20%.
+SPARSE = PrefillConfig(min_length=0, block_size=16, gamma=0.5, max_error=0.2)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class Case:
+    """A stock model, a deep copy of it switched to the sparse attention, and one prompt."""
+
+    stock: Any
+    sparse: Any
+    processor: Any
+    inputs: dict
+    layout: TokenLayout
+    frames: torch.Tensor
+    sampling: dict
+
+    @property
+    def num_layers(self) -> int:
+        return self.stock.config.get_text_config().num_hidden_layers
+
+    @property
+    def n(self) -> int:
+        return self.layout.seq_len
+
+
+def _pair(model):
+    """(stock, sparse): the sparse one is a deep copy, so the stock one keeps plain SDPA."""
+    model = model.to(DEVICE)
+    sparse = copy.deepcopy(model)
+    enable_sparse_prefill(sparse)
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    assert sparse.config.get_text_config()._attn_implementation == prefill_attention.ATTENTION_NAME
+    return model, sparse
+
+
+def _prompt(stock, sparse, processor, frames, **sampling) -> Case:
+    adapter = adapter_class(stock.config.model_type)(stock, processor)
+    options = SamplingOptions(**{**adapter.sampling_defaults(), **sampling})
+    video = load_video(frames, options, frame_factor=adapter.frame_factor, size_factor=adapter.size_factor)
+    inputs, layout = adapter.prepare(video, QUESTION)
+    inputs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    assert inputs["input_ids"].shape[1] == layout.seq_len
+    return Case(stock, sparse, processor, inputs, layout, frames, sampling)
+
+
+def _shallow(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a fresh thread, in a copy of this context (the prefill request
+    stays visible). CPython 3.11 allocates and frees a 16 KiB frame-stack chunk whenever a call
+    crosses a chunk boundary; at pytest's stack depth the interpreted kernel's inner loop sits
+    on one and runs several times slower (4.4M mmap/munmap pairs in one test). A new thread
+    starts from a shallow stack, as a plain script does."""
+    ctx = contextvars.copy_context()
+    result: dict[str, Any] = {}
+
+    def target():
+        try:
+            result["value"] = ctx.run(fn, *args, **kwargs)
+        except BaseException as err:  # noqa: BLE001 -- re-raised in the calling thread
+            result["error"] = err
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _forward(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits.float()
+
+
+def _logits(model, inputs) -> torch.Tensor:
+    return _shallow(_forward, model, inputs)
+
+
+def _text_layers(model):
+    return model.model.language_model.layers
+
+
+@contextlib.contextmanager
+def attention_outputs(model):
+    """Per-layer outputs of the text model's attention modules during the forwards inside."""
+    outs: dict[int, torch.Tensor] = {}
+
+    def hook(i):
+        return lambda module, args, out: outs.__setitem__(i, out[0].detach().float().clone())
+
+    handles = [layer.self_attn.register_forward_hook(hook(i)) for i, layer in enumerate(_text_layers(model))]
+    try:
+        yield outs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of ``a`` against the reference ``b``."""
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def _video_layout(pre: int, frames: int, per_frame: int, post: int, side: int = 4) -> TokenLayout:
+    start, end = pre, pre + frames * per_frame
+    span = Span("video", start, end, grid=(frames, side, per_frame // side),
+                frame_starts=tuple(range(start, end, per_frame)), frame_lengths=(per_frame,) * frames)
+    return TokenLayout.from_spans(end + post, [span])
+
+
+def _random_qkv(n: int, hq: int = 4, hkv: int = 2, d: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, h, n, d, generator=g).to(DEVICE) for h in (hq, hkv, hkv))
+
+
+def _grid_qkv(layout: TokenLayout, seed: int = 0):
+    """Random q/k/v, except that query heads 0 and 1 (both on KV head 0) look from every video
+    token at the same spatial position in the earlier frames: q = k = a one-hot of the position,
+    scaled so that the dot product of equal positions dominates the softmax."""
+    (span,) = layout.video_spans
+    per_frame = span.tokens_per_frame
+    q, k, v = (t.cpu() for t in _random_qkv(layout.seq_len, d=per_frame, seed=seed))
+    video = torch.zeros(layout.seq_len, dtype=torch.bool)
+    video[span.start:span.end] = True
+    position = torch.arange(span.length) % per_frame
+    embedding = torch.eye(per_frame) * 6.0  # equal positions score 36 / sqrt(16) = 9 above the rest
+    q[0, :2, video] = embedding[position]
+    k[0, 0, video] = embedding[position]
+    k[0, 0, ~video] = 0.0
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+
+
+def _local(q, k, heads=(2, 3), kv_head=1):
+    """Make query heads ``heads`` (on ``kv_head``) local: q = k = sinusoids of the position, so the
+    score falls off with the distance |i - j| and a few blocks around the diagonal hold the mass."""
+    n, d = q.shape[2], q.shape[-1]
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    freq = torch.logspace(-2.0, -0.5, d // 2)[None, :]
+    emb = torch.cat([torch.cos(pos * freq), torch.sin(pos * freq)], -1) * 3.0
+    q, k = q.clone(), k.clone()
+    q[0, list(heads)] = emb.to(q.device)
+    k[0, kv_head] = emb.to(k.device)
+    return q, k
+
+
+def _text_block_rows(layout: TokenLayout, block: int) -> torch.Tensor:
+    """Query blocks that hold at least one text row."""
+    n = layout.seq_len
+    nq = -(-n // block)
+    text = torch.nn.functional.pad(layout.modality_ids() == 0, (0, nq * block - n), value=False)
+    return text.view(nq, block).any(-1)
+
+
+def _video_block_rows(layout: TokenLayout, block: int) -> torch.Tensor:
+    """Query blocks with no text row (padding rows past the end count as video, as in selection)."""
+    n = layout.seq_len
+    nq = -(-n // block)
+    video = torch.nn.functional.pad(layout.modality_ids() != 0, (0, nq * block - n), value=True)
+    return video.view(nq, block).all(-1)
+
+
+def _plan_token_mask(plan, hq: int) -> torch.Tensor:
+    """[1, Hq, N, N] tokens each head computes, in the natural order, from the plan's indices:
+    the natural index for ordinary heads, the permuted grid index mapped back for grid heads."""
+    mask = index_token_mask(plan.natural, plan.order).expand(1, hq, -1, -1).clone()
+    if plan.grid is not None:
+        grid = index_token_mask(plan.grid, plan.grid_order)  # permuted rows and columns
+        inv = plan.inverse
+        mask[:, plan.grid_heads] = grid[:, :, inv][:, :, :, inv]
+    return mask
+
+
+def _grid_shares(plan, layout: TokenLayout) -> list[float]:
+    """Per grid head: blocks its permuted index computes in the video query blocks, over the causal
+    blocks of those rows in the natural order (what a dense head would compute there)."""
+    if plan.grid is None:
+        return []
+    video = _video_block_rows(layout, plan.order.block_m).to(plan.grid.block_mask.device)
+    causal = float(plan.order.block_visibility()[0][0][video].sum())
+    return [float(plan.grid.block_mask[0, i][video].sum()) / causal for i in range(len(plan.grid_heads))]
+
+
+def _capture_plans(monkeypatch) -> list:
+    """Record every LayerPlan the attention function asks ``select`` for."""
+    plans: list = []
+    real = selection.select
+
+    def spy(*args, **kwargs):
+        plans.append(real(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(selection, "select", spy)
+    return plans
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    """Tiny Qwen2.5-VL (2 layers, 4 query / 2 KV heads, head_dim 16): 8 groups of 4x4 tokens."""
+    model, processor = tiny_qwen2_5_vl()
+    stock, sparse = _pair(model)
+    side = 112 * 112
+    return _prompt(stock, sparse, processor, synthetic_frames(16, 112, 112, seed=0), nframes=16,
+                   min_pixels=side, max_pixels=side)
+
+
+@pytest.fixture(scope="module")
+def llava():
+    """Tiny LLaVA-OneVision (2 layers): 8 frames of 4x4 pooled tokens and a newline."""
+    model, processor = tiny_llava_onevision()
+    stock, sparse = _pair(model)
+    return _prompt(stock, sparse, processor, synthetic_frames(8, 112, 112, seed=1), nframes=8)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The shipped 4-layer toy Qwen2.5-VL, float32 on CPU."""
+    adapter = mmsparse.load(TOY_MODEL, device=DEVICE, dtype=torch.float32)
+    stock, sparse = _pair(adapter.model)
+    return stock, sparse, adapter.processor
+
+
+def _toy_case(toy, frames: int, seed: int) -> Case:
+    stock, sparse, processor = toy
+    return _prompt(stock, sparse, processor, synthetic_frames(frames, 112, 112, seed=seed), nframes=frames)
+
+
+# ----------------------------------------------------------------------------- 1. covering budget is exact
+
+
+@pytest.mark.parametrize("name", ["qwen", "llava"])
+def test_covering_budget_equals_sdpa(name, request):
+    case: Case = request.getfixturevalue(name)
+    assert case.layout.num_tokens("video") >= 128 and case.n < 200  # a real video span, interpreter-sized
+    expected = _logits(case.stock, case.inputs)
+    with sparse_prefill(case.layout, COVER) as req:
+        got = _logits(case.sparse, case.inputs)
+    torch.testing.assert_close(got, expected, **EXACT)
+    summary = req.stats.summary()
+    assert summary["sparse_layers"] == case.num_layers
+    assert [layer["layer"] for layer in req.stats.layers] == list(range(case.num_layers))
+    assert sum(summary["pattern_counts"].values()) == case.num_layers * 4  # one kind per query head
+    assert summary["density_mean"] > 0.5 and 0.0 <= summary["index_share"] <= 1.0
+
+
+def test_covering_budget_on_the_toy_model_layer_by_layer(toy):
+    case = _toy_case(toy, 16, seed=2)
+    assert case.layout.video_spans[0].num_frames == 8  # 16 frames, 2 per temporal patch
+    with attention_outputs(case.stock) as dense_out:
+        expected = _logits(case.stock, case.inputs)
+    with attention_outputs(case.sparse) as sparse_out, sparse_prefill(case.layout, COVER) as req:
+        got = _logits(case.sparse, case.inputs)
+    torch.testing.assert_close(got, expected, **EXACT)
+    assert req.stats.summary()["sparse_layers"] == case.num_layers == 4
+    assert sorted(dense_out) == sorted(sparse_out) == list(range(4))
+    for i in range(4):
+        assert torch.isfinite(sparse_out[i]).all()
+        assert _rel(sparse_out[i], dense_out[i]) < 1e-4, i
+
+
+# ----------------------------------------------------------------------------- 2. when the stage stays dense
+
+
+def test_attention_function_is_sdpa_unless_the_call_qualifies(qwen):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layers = _text_layers(qwen.sparse)
+    layout = _video_layout(pre=8, frames=4, per_frame=16, post=8)  # 80 tokens: fast in the interpreter
+    n = layout.seq_len
+    q, k, v = _random_qkv(n, seed=3)
+
+    def sdpa(module, q, k, v, mask=None):
+        return sdpa_attention_forward(module, q, k, v, mask, scaling=module.scaling)[0]
+
+    def call(module, q, k, v, mask=None):
+        out, weights = mmsparse_attention(module, q, k, v, mask, scaling=module.scaling)
+        assert weights is None
+        return out
+
+    first, second = layers[0].self_attn, layers[1].self_attn
+    assert prefill_attention._REQUEST.get() is None
+    assert torch.equal(call(second, q, k, v), sdpa(second, q, k, v))  # no request
+
+    padded = torch.ones((1, 1, n, n), dtype=torch.bool, device=DEVICE).tril()
+    padded[..., 3:, :3] = False  # three padding keys (their own rows left causal: no empty rows)
+    batch = tuple(torch.cat([t, t]) for t in (q, k, v))
+    dense_calls = [
+        ("shorter than min_length", PrefillConfig(min_length=n + 1, block_size=16), layout, second, (q, k, v), None),
+        ("below dense_layers", PrefillConfig(min_length=0, dense_layers=1, block_size=16), layout, first, (q, k, v), None),
+        ("a decode step", COVER, layout, second, (q[:, :, -1:], k, v), None),
+        ("batch of 2", COVER, layout, second, batch, None),
+        ("another prompt's layout", COVER, _video_layout(8, 4, 16, 9), second, (q, k, v), None),
+        ("padding in the mask", COVER, layout, second, (q, k, v), padded),
+    ]
+    for why, cfg, lay, module, (qq, kk, vv), mask in dense_calls:
+        with sparse_prefill(lay, cfg) as req:
+            assert torch.equal(call(module, qq, kk, vv, mask), sdpa(module, qq, kk, vv, mask)), why
+        assert req.stats.layers == [] and req.stats.summary() == {"sparse_layers": 0}, why
+    second.train()
+    try:
+        with sparse_prefill(layout, COVER) as req:
+            assert torch.equal(call(second, q, k, v), sdpa(second, q, k, v))
+        assert req.stats.layers == []
+    finally:
+        second.eval()
+
+    # The same call qualifies with min_length == n exactly, and on layer 1 past dense_layers=1.
+    cfg = PrefillConfig(min_length=n, dense_layers=1, block_size=16, gamma=1.0, max_density=1.0)
+    with sparse_prefill(layout, cfg) as req:
+        out = call(second, q, k, v)
+    assert [layer["layer"] for layer in req.stats.layers] == [1]
+    torch.testing.assert_close(out, sdpa(second, q, k, v), **KERNEL)
+    assert prefill_attention._REQUEST.get() is None  # the context put the outer state back
+
+
+def test_model_is_stock_outside_a_request_and_for_short_prompts(qwen):
+    expected = _logits(qwen.stock, qwen.inputs)
+    assert torch.equal(_logits(qwen.sparse, qwen.inputs), expected)  # no request: SDPA, bit for bit
+    with sparse_prefill(qwen.layout, PrefillConfig(min_length=qwen.n + 1, block_size=16)) as req:
+        assert torch.equal(_logits(qwen.sparse, qwen.inputs), expected)
+    assert req.stats.summary() == {"sparse_layers": 0}
+
+
+def test_dense_layers_stay_dense(qwen):
+    cfg = PrefillConfig(min_length=qwen.n, dense_layers=1, block_size=16, gamma=1.0, max_density=1.0)
+    with attention_outputs(qwen.stock) as dense_out:
+        expected = _logits(qwen.stock, qwen.inputs)
+    with attention_outputs(qwen.sparse) as sparse_out, sparse_prefill(qwen.layout, cfg) as req:
+        got = _logits(qwen.sparse, qwen.inputs)
+    summary = req.stats.summary()
+    assert summary["sparse_layers"] == qwen.num_layers - 1
+    assert list(summary["density_per_layer"]) == list(range(1, qwen.num_layers))
+    assert torch.equal(sparse_out[0], dense_out[0])  # layer 0 ran SDPA itself
+    torch.testing.assert_close(got, expected, **EXACT)
+
+
+# ----------------------------------------------------------------------------- 3. decode and the pipeline
+
+
+def test_generate_decodes_dense_after_a_sparse_prefill(qwen):
+    kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        expected = qwen.stock.generate(**qwen.inputs, **kwargs)
+    with sparse_prefill(qwen.layout, COVER) as req:
+        got = _shallow(torch.no_grad()(qwen.sparse.generate), **qwen.inputs, **kwargs)
+    assert expected.shape[1] == qwen.n + 3
+    assert torch.equal(got, expected)
+    # One record per layer: the prefill. Decode steps (one query over the cache) never reach the kernel.
+    assert req.stats.summary()["sparse_layers"] == qwen.num_layers
+
+
+def test_pipeline_reports_prefill_stats_and_matches_dense(qwen):
+    call = dict(max_new_tokens=4, **qwen.sampling)
+    dense_pipe = mmsparse.pipeline(model=qwen.stock, processor=qwen.processor, device=DEVICE)
+    sparse_pipe = mmsparse.pipeline(model=qwen.sparse, processor=qwen.processor, device=DEVICE,
+                                    sparse=SparseConfig(prefill=COVER))
+    dense = dense_pipe(qwen.frames, QUESTION, **call)
+    out = _shallow(sparse_pipe, qwen.frames, QUESTION, **call)
+    assert "prefill" not in dense["stats"] and dense["stats"]["sparse_stages"] == []
+    stats = out["stats"]
+    assert stats["sparse_stages"] == ["prefill"]
+    assert stats["prompt_tokens"] == qwen.n
+    prefill = stats["prefill"]
+    assert prefill["sparse_layers"] == qwen.num_layers
+    assert prefill["density_mean"] > 0.5 and set(prefill["density_per_layer"]) == set(range(qwen.num_layers))
+    assert sum(prefill["pattern_counts"].values()) == qwen.num_layers * 4
+    assert set(prefill["pattern_counts"]) <= set(selection.KINDS)
+    assert 0.0 <= prefill["index_share"] <= 1.0
+    assert dense["answer"] and out["answer"] == dense["answer"]
+    assert stats["new_tokens"] == dense["stats"]["new_tokens"]
+
+
+def test_pipeline_with_the_default_min_length_runs_short_prompts_dense(qwen):
+    pipe = mmsparse.pipeline(model=qwen.sparse, processor=qwen.processor, device=DEVICE, sparse="balanced")
+    out = pipe(qwen.frames, QUESTION, max_new_tokens=2, **qwen.sampling)
+    assert out["stats"]["prompt_tokens"] < PrefillConfig().min_length
+    assert out["stats"]["prefill"] == {"sparse_layers": 0}
+
+
+# ----------------------------------------------------------------------------- 4. sparse budgets are sparse
+
+
+def test_sparse_budget_is_sparse_and_close_on_the_toy_model(toy):
+    case = _toy_case(toy, 64, seed=3)
+    assert case.layout.video_spans[0].num_frames == 32 and case.n > 500
+    with attention_outputs(case.stock) as dense_out:
+        expected = _logits(case.stock, case.inputs)
+    with attention_outputs(case.sparse) as sparse_out, sparse_prefill(case.layout, SPARSE) as req:
+        got = _logits(case.sparse, case.inputs)
+    summary = req.stats.summary()
+    assert summary["sparse_layers"] == 4
+    # Measured (seed 3, CPU): density_mean 0.73, 14 grid + 2 block heads (0.57, all block, once grid
+    # heads are costed on the causal area: see test_grid_heads_respect_max_density).
+    assert 0.0 < summary["density_mean"] < 0.9
+    assert all(0.0 < d <= 1.0 for d in summary["density_per_layer"].values())
+    kinds = summary["pattern_counts"]
+    assert sum(n for kind, n in kinds.items() if kind != "dense") > 0
+    # The answer's first token survives: last-token logits (measured: max |diff| 0.034, rel 0.0013).
+    last, ref = got[0, -1], expected[0, -1]
+    assert torch.isfinite(got).all()
+    assert int(last.argmax()) == int(ref.argmax())
+    assert float((last - ref).abs().max()) < 0.25
+    assert _rel(last, ref) < 0.02
+    # Per layer (errors accumulate over layers): measured 0.05 - 0.23.
+    errors = [_rel(sparse_out[i], dense_out[i]) for i in range(4)]
+    print(f"toy 64 frames, n={case.n}: density_mean={summary['density_mean']:.3f} kinds={kinds} "
+          f"last-token max|diff|={float((last - ref).abs().max()):.4f} rel={_rel(last, ref):.4f} "
+          f"layer errors={[round(e, 4) for e in errors]}")
+    assert all(math.isfinite(e) for e in errors)
+    assert all(torch.isfinite(sparse_out[i]).all() for i in range(4))
+    assert all(1e-3 < e < 1.0 for e in errors), errors
+
+
+# ----------------------------------------------------------------------------- 5. select on random tensors
+
+
+def test_select_text_rows_are_dense_and_plans_are_complete():
+    layout = _video_layout(pre=21, frames=8, per_frame=16, post=19)  # text blocks straddle the video
+    n = layout.seq_len
+    q, k, v = _grid_qkv(layout, seed=4)
+    q, k = _local(q, k)  # heads 0, 1 attend along the grid, heads 2, 3 locally
+    plan = select(q, k, v, layout, SelectionConfig(block=16, sink=16, gamma=0.9, max_density=1.0))
+    assert plan.kinds[:2] == ["grid", "grid"] and "grid" not in plan.kinds[2:] and "dense" not in plan.kinds[2:]
+    for field in (plan.kinds, plan.budgets, plan.labels, plan.recall, plan.error):
+        assert len(field) == 4
+    assert set(plan.kinds) <= set(selection.KINDS)
+    visible = plan.order.block_visibility()[0][0]
+    text = _text_block_rows(layout, 16)
+    assert text.sum() == 4 and not text.all()  # blocks 0, 1 (rows 16-20 are text), 9 and 10
+    for h, kind in enumerate(plan.kinds):
+        if kind != "grid":
+            assert torch.equal(plan.natural.block_mask[0, h][text], visible[text]), h
+            assert torch.equal(plan.natural.block_count[0, h][text], visible[text].sum(-1).int()), h
+    # Token level, grid heads included: every text row sees every earlier token.
+    tokens = _plan_token_mask(plan, 4)[0]
+    causal = torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril()
+    text_rows = layout.modality_ids().to(tokens.device) == 0
+    assert torch.equal(tokens[:, text_rows], causal[text_rows].expand(4, -1, -1))
+    assert any(kind != "dense" for kind in plan.kinds)
+    assert not torch.equal(tokens, causal.expand(4, -1, -1))  # the video rows are not all dense
+
+
+def test_select_tiny_max_density_makes_every_head_dense():
+    layout = _video_layout(pre=21, frames=8, per_frame=16, post=19)
+    q, k, v = _random_qkv(layout.seq_len, seed=5)
+    plan = select(q, k, v, layout, SelectionConfig(block=16, gamma=0.5, max_density=0.01))
+    assert plan.kinds == ["dense"] * 4 and plan.grid is None
+    visible = plan.order.block_visibility()[0][0]
+    assert torch.equal(plan.natural.block_mask[0], visible.expand(4, -1, -1))
+    assert plan.natural.columns.shape[-1] == 0
+    assert plan.density >= 1.0 - 1e-6  # every causal pair (whole blocks may count a little more)
+
+
+def test_select_chooses_grid_for_a_grid_head_and_its_index_runs_exactly():
+    layout = _video_layout(pre=20, frames=16, per_frame=16, post=14)
+    q, k, v = _grid_qkv(layout, seed=6)
+    plan = select(q, k, v, layout, SelectionConfig(block=16, sink=16, gamma=0.9, max_density=0.6))
+    assert plan.kinds[0] == plan.kinds[1] == "grid", plan.kinds
+    assert plan.labels[0].startswith("grid:")
+    assert min(plan.recall[:2]) > 0.99
+    assert "grid" not in plan.kinds[2:]  # random heads have no grid structure
+    assert plan.grid_heads.tolist() == [0, 1]
+    assert torch.equal(plan.perm[plan.inverse], torch.arange(layout.seq_len, device=plan.perm.device))
+    # The grid index in the permuted order, through the kernel and through the reference.
+    heads, group = plan.grid_heads, q.shape[1] // k.shape[1]
+    qg = q.index_select(1, heads).index_select(2, plan.perm)
+    kg, vg = k.index_select(2, plan.perm), v.index_select(2, plan.perm)
+    head_map = (heads // group).to(torch.int32)
+    out = sparse_attention(qg, kg, vg, plan.grid, plan.grid_order, head_map=head_map)
+    ref, _ = reference_sparse_attention(qg, kg, vg, plan.grid, plan.grid_order, head_map=head_map)
+    torch.testing.assert_close(out, ref, **KERNEL)
+    # And it is sparse (measured: 0.39 of the causal blocks of the video rows), yet (the head
+    # really is a grid head) close to dense attention.
+    assert max(_grid_shares(plan, layout)) < 0.6
+    causal = torch.ones(layout.seq_len, layout.seq_len, dtype=torch.bool, device=q.device).tril()
+    dense, _ = masked_attention(q, k, v, causal[None, None])
+    back = out.index_select(1, plan.inverse)
+    assert _rel(back, dense[:, :, :2]) < 1e-2  # measured 1.4e-3
+
+
+def test_select_offers_no_grid_when_frames_differ_in_size():
+    """The permutation needs one token count per frame: a video whose frames differ has no grid
+    candidate, even for a head with the grid structure."""
+    uniform = _video_layout(pre=20, frames=16, per_frame=16, post=14)
+    q, k, v = _grid_qkv(uniform, seed=6)
+    (span,) = uniform.video_spans
+    lengths = (16,) * 15 + (15,)  # the last frame lost a token (its last position is not a frame's)
+    ragged = TokenLayout.from_spans(uniform.seq_len, [Span("video", span.start, span.end, grid=span.grid,
+                                                           frame_starts=span.frame_starts, frame_lengths=lengths)])
+    assert ragged.video_spans[0].tokens_per_frame is None
+    plan = select(q, k, v, ragged, SelectionConfig(block=16, sink=16, gamma=0.9, max_density=0.6))
+    assert "grid" not in plan.kinds and plan.grid is None
+    assert not any(label.startswith("grid:") for label in plan.table)
+
+
+def test_layer_with_grid_heads_matches_the_reference_of_its_plan(monkeypatch):
+    """The whole layer as the attention function computes it (natural pass, then the grid heads
+    in the permuted order, put back), against masked attention on the plan's token mask."""
+    layout = _video_layout(pre=20, frames=16, per_frame=16, post=14)
+    q, k, v = _grid_qkv(layout, seed=7)
+    plans = _capture_plans(monkeypatch)
+    request = PrefillRequest(layout, PrefillConfig(min_length=0, block_size=16, gamma=0.9, max_density=1.0))
+    out, _ = sparse_prefill_attention(q, k, v, request, layer=0, scaling=None)
+    (plan,) = plans
+    assert "grid" in plan.kinds and any(kind != "grid" for kind in plan.kinds)
+    assert request.stats.layers[0]["kinds"] == plan.kinds
+    tokens = _plan_token_mask(plan, 4)
+    ref, _ = masked_attention(q, k, v, tokens)
+    torch.testing.assert_close(out, ref, **KERNEL)
+
+
+@pytest.mark.parametrize(
+    "sink",
+    [
+        16,
+        pytest.param(128, marks=pytest.mark.xfail(strict=True, reason=(
+            "BUG (selection.select): a grid candidate's cost is its blocks over the block area visible "
+            "in the permuted order, which is about twice the causal area (a permuted block mixes early "
+            "and late positions), while every other candidate and max_density use the causal area: "
+            "grid heads look about half as expensive as they are. With a 128-token sink on this "
+            "prompt a grid head passes max_density=0.6 computing 0.96 of the causal blocks"))),
+    ],
+)
+def test_grid_heads_respect_max_density(sink):
+    """A head that is not dense computes at most ``max_density`` of the causal block area of the
+    video query blocks; for a grid head, the blocks of its permuted index in those rows."""
+    layout = _video_layout(pre=20, frames=16, per_frame=16, post=14)
+    q, k, v = _grid_qkv(layout, seed=6)
+    cfg = SelectionConfig(block=16, sink=sink, gamma=0.9, max_density=0.6)
+    plan = select(q, k, v, layout, cfg)
+    if sink == 16:
+        assert plan.kinds[:2] == ["grid", "grid"]
+    # Measured with sink=128: 144 blocks of the 150 causal ones (0.96), estimated cost 0.53.
+    assert all(share <= cfg.max_density for share in _grid_shares(plan, layout)), _grid_shares(plan, layout)
+
+
+# ----------------------------------------------------------------------------- 6. RowStats.evaluate
+
+
+def _row_stats_case(seed: int = 8, hq: int = 4, hkv: int = 2, n: int = 70, d: int = 8, block: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(hq, n, d, generator=g)
+    k = torch.randn(hkv, n, d, generator=g)
+    v = torch.randn(hkv, n, d, generator=g)
+    rows = torch.tensor([5, 17, 30, 31, 48, 69])
+    kv = torch.arange(hq) // (hq // hkv)
+    s = torch.einsum("hsd,hkd->hsk", q[:, rows], k[kv]) / math.sqrt(d)
+    s = s.masked_fill(torch.arange(n)[None, None, :] > rows[None, :, None], float("-inf"))
+    p = s.softmax(-1)
+    return p, v, rows, kv, RowStats.build(p, v, rows // block, block)
+
+
+def _brute_force(p, v, rows, kv, keep):
+    """(recall [H], error [H]) with ``keep`` [H, S, N] the kept keys of each sampled row."""
+    hq = p.shape[0]
+    recall, error = torch.zeros(hq), torch.zeros(hq)
+    for h in range(hq):
+        rec, err = [], []
+        for s in range(len(rows)):
+            w = p[h, s]
+            dense = w @ v[kv[h]]
+            kept = w * keep[h, s]
+            mass = kept.sum()
+            approx = (kept @ v[kv[h]]) / mass if mass > 0 else torch.zeros_like(dense)
+            rec.append(mass)
+            err.append((approx - dense).norm() / dense.norm())
+        recall[h], error[h] = torch.stack(rec).mean(), torch.stack(err).mean()
+    return recall, error
+
+
+def test_row_stats_full_and_empty_masks():
+    p, v, rows, kv, stats = _row_stats_case()
+    nq = nk = 5
+    recall, error = stats.evaluate(torch.ones(1, nq, nk, dtype=torch.bool))
+    torch.testing.assert_close(recall, torch.ones(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(error, torch.zeros(4), atol=1e-5, rtol=0)
+    recall, error = stats.evaluate(torch.zeros(4, nq, nk, dtype=torch.bool))
+    assert torch.equal(recall, torch.zeros(4))
+    torch.testing.assert_close(error, torch.ones(4))  # nothing kept: the output is lost entirely
+
+
+def test_row_stats_match_brute_force():
+    p, v, rows, kv, stats = _row_stats_case()
+    g = torch.Generator().manual_seed(9)
+    mask = torch.rand(4, 5, 5, generator=g) < 0.5
+    mask[:, :, 0] = True  # every row keeps something
+    keep = mask[:, rows // 16].repeat_interleave(16, -1)[..., :70]  # [H, S, N]
+    recall, error = stats.evaluate(mask)
+    want_recall, want_error = _brute_force(p, v, rows, kv, keep)
+    torch.testing.assert_close(recall, want_recall, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(error, want_error, atol=1e-5, rtol=1e-5)
+    assert (want_recall < 0.99).all() and (want_error > 1e-3).all()  # the case is not trivial
+    # Extra single columns outside the mask (vertical lines), as vertical-slash passes them.
+    cols = torch.tensor([[3, 40], [20, 66], [1, 2], [50, 51]])
+    extra = torch.zeros(4, len(rows), 70, dtype=torch.bool)
+    extra[torch.arange(4)[:, None], :, cols] = True
+    extra &= ~keep
+    pe = p * extra
+    extra_pv = torch.einsum("hsn,hnd->hsd", pe, v[kv])
+    recall, error = stats.evaluate(mask, pe.sum(-1), extra_pv)
+    want_recall, want_error = _brute_force(p, v, rows, kv, keep | extra)
+    torch.testing.assert_close(recall, want_recall, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(error, want_error, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- 7. concurrent requests
+
+
+def test_concurrent_requests_do_not_share_state(qwen):
+    """Two threads hold a request each at the same time; each forward sees only its own."""
+    both_inside = threading.Barrier(2, timeout=60)
+    results: dict[str, Any] = {}
+    errors: list[BaseException] = []
+    configs = {
+        "sparse": PrefillConfig(min_length=0, dense_layers=1, block_size=16, gamma=1.0, max_density=1.0),
+        "short": PrefillConfig(min_length=qwen.n + 1, block_size=16),
+    }
+
+    def worker(name: str) -> None:
+        try:
+            with sparse_prefill(qwen.layout, configs[name]) as req:
+                both_inside.wait()  # the other thread has entered its context too
+                results[name] = (req, _forward(qwen.sparse, qwen.inputs), prefill_attention._REQUEST.get())
+                both_inside.wait()  # neither leaves before both have run
+        except BaseException as err:  # noqa: BLE001 -- re-raised in the main thread
+            errors.append(err)
+            both_inside.abort()
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in configs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for name, (req, _, seen) in results.items():
+        assert seen is req, name
+        assert req.config == configs[name]
+    assert results["sparse"][0].stats.summary()["sparse_layers"] == qwen.num_layers - 1
+    assert results["short"][0].stats.summary() == {"sparse_layers": 0}
+    expected = _logits(qwen.stock, qwen.inputs)
+    assert torch.equal(results["short"][1], expected)
+    torch.testing.assert_close(results["sparse"][1], expected, **EXACT)
+    assert prefill_attention._REQUEST.get() is None
+
+
+# ----------------------------------------------------------------------------- 8. config validation
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(block_size=24),
+        dict(block_size=256),
+        dict(max_error=1.5),
+        dict(max_error=0.0),
+        dict(max_density=0.0),
+        dict(max_density=1.5),
+        dict(gamma=0.0),
+        dict(dense_layers=-1),
+        dict(min_length=-1),
+    ],
+)
+def test_prefill_config_rejects(kwargs):
+    with pytest.raises(ConfigError) as err:
+        PrefillConfig(**kwargs)
+    assert "PrefillConfig." in str(err.value) and "\n" not in str(err.value)
+
+
+def test_prefill_config_accepts_the_supported_range():
+    for block in (16, 32, 64, 128):
+        assert PrefillConfig(block_size=block).block_size == block
+    cfg = PrefillConfig(gamma=1.0, max_density=1.0, max_error=0.5, min_length=0, dense_layers=3)
+    assert (cfg.gamma, cfg.max_density, cfg.max_error) == (1.0, 1.0, 0.5)
+    assert PrefillConfig().max_error is None
