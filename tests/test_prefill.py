@@ -573,12 +573,7 @@ def test_layer_with_grid_heads_matches_the_reference_of_its_plan(monkeypatch):
     "sink",
     [
         16,
-        pytest.param(128, marks=pytest.mark.xfail(strict=True, reason=(
-            "BUG (selection.select): a grid candidate's cost is its blocks over the block area visible "
-            "in the permuted order, which is about twice the causal area (a permuted block mixes early "
-            "and late positions), while every other candidate and max_density use the causal area: "
-            "grid heads look about half as expensive as they are. With a 128-token sink on this "
-            "prompt a grid head passes max_density=0.6 computing 0.96 of the causal blocks"))),
+        128,
     ],
 )
 def test_grid_heads_respect_max_density(sink):

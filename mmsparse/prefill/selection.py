@@ -133,10 +133,15 @@ class RowStats:
         return kept.mean(-1), error.mean(-1)
 
 
-def _cost(mask: torch.Tensor, visible: torch.Tensor, video_blocks: torch.Tensor) -> torch.Tensor:
-    """Computed share of the visible blocks in the video query blocks: [H|1]."""
+def _cost(mask: torch.Tensor, visible: torch.Tensor, video_blocks: torch.Tensor,
+          causal_blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """Blocks computed in the video query blocks over the causal block area of the video rows
+    in the natural order (``causal_blocks``, default: the visible ones here): [H|1]. A permuted
+    order has more partially visible blocks than the natural one, so its own visible area is
+    not the yardstick."""
     m = mask[:, video_blocks] & visible[video_blocks]
-    return m.sum((-1, -2)).float() / visible[video_blocks].sum().clamp(min=1)
+    area = visible[video_blocks].sum() if causal_blocks is None else causal_blocks
+    return m.sum((-1, -2)).float() / area.clamp(min=1)
 
 
 def _forced(candidates: list[Candidate], labels: tuple[str, ...], heads: int) -> list[int]:
@@ -189,7 +194,8 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
             rec, err = row_stats.evaluate(mask, *(extra or (None, None)))
         else:
             rec = err = torch.full((1,), float("nan"), device=dev)
-        cost = _cost(mask, visible if vis is None else vis, video_blocks if cost_rows is None else cost_rows)
+        cost = _cost(mask, visible if vis is None else vis, video_blocks if cost_rows is None else cost_rows,
+                     visible[video_blocks].sum())
         if extra_cost is not None:
             cost = cost + extra_cost
         candidates.append(Candidate(kind, budget, f"{kind}:{label}", mask, rec.expand(hq), err.expand(hq),
