@@ -9,6 +9,11 @@ import torch
 from .index import SparseIndex, TokenOrder
 
 
+def kv_heads(hq: int, hkv: int, head_map: torch.Tensor | None, device) -> torch.Tensor:
+    """The KV head each query head reads: ``head_map``, else grouped-query order."""
+    return head_map.long() if head_map is not None else torch.arange(hq, device=device) // (hq // hkv)
+
+
 def index_token_mask(index: SparseIndex, order: TokenOrder) -> torch.Tensor:
     """[B, H, Mq, Mk] booleans: the tokens the index makes a query compute, after causality.
     Built from the block and column lists (not from ``block_mask``), so it checks them."""
@@ -45,7 +50,7 @@ def masked_attention(
     """Attention under a boolean mask [B, H or 1, Mq, Mk] in float32. Returns the output
     [B, Mq, Hq, D] (zero rows where nothing is visible) and the natural-log LSE [B, Hq, Mq]."""
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
-    kv_of = head_map.long() if head_map is not None else torch.arange(hq, device=q.device) // (hq // hkv)
+    kv_of = kv_heads(hq, hkv, head_map, q.device)
     kf, vf = k.float()[:, kv_of], v.float()[:, kv_of]
     s = torch.einsum("bhqd,bhkd->bhqk", q.float(), kf) * (scale or 1.0 / math.sqrt(d))
     s = s.masked_fill(~mask, float("-inf"))
@@ -86,7 +91,7 @@ def chunked_sparse_attention(
     the backend on CPUs, where Triton has no compiled target. Returns [B, Mq, Hq, D]."""
     bsz, hq, mq, d = q.shape
     mk = k.shape[2]
-    kv_of = head_map.long() if head_map is not None else torch.arange(hq, device=q.device) // (hq // k.shape[1])
+    kv_of = kv_heads(hq, k.shape[1], head_map, q.device)
     kf, vf = k[:, kv_of], v[:, kv_of]
     out = q.new_zeros((bsz, mq, hq, d))
     heads = index.block_mask.shape[1]

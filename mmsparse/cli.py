@@ -112,15 +112,20 @@ def _model_or_default(model: str | None) -> str:
     return model
 
 
+def _resolve_video(video: str) -> str:
+    """``sample:NAME`` -> the bundled clip's path; anything else unchanged."""
+    if video.startswith("sample:"):
+        from .media import sample_video
+
+        return str(sample_video(video.removeprefix("sample:")))
+    return video
+
+
 def run_qa(args: argparse.Namespace) -> dict[str, Any]:
     from .pipelines import pipeline
 
     model = _model_or_default(args.model)
-    video = args.video
-    if video.startswith("sample:"):
-        from .media import sample_video
-
-        video = str(sample_video(video.removeprefix("sample:")))
+    video = _resolve_video(args.video)
     sampling = {k: getattr(args, k) for k in _SAMPLING_ARGS if getattr(args, k) is not None}
     log.info("loading %s", model)
     pipe = pipeline("video-qa", model=model, sparse=args.sparse, device=args.device, dtype=args.dtype)
@@ -178,13 +183,7 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--preset {args.preset!r} has no prefill stage; use one of "
                           f"{', '.join(n for n, c in PRESETS.items() if c.prefill is not None)}")
     model = _model_or_default(args.model)
-    videos = []
-    for video in args.videos:
-        if video.startswith("sample:"):
-            from .media import sample_video
-
-            video = str(sample_video(video.removeprefix("sample:")))
-        videos.append(video)
+    videos = [_resolve_video(video) for video in args.videos]
     adapter = load(model, device=args.device, dtype=args.dtype)
     sampling = {k: getattr(args, k) for k in _SAMPLING_ARGS if getattr(args, k) is not None}
     plan = search_patterns(adapter, videos, question=args.question, config=replace(preset.prefill, min_length=0),
