@@ -2,6 +2,7 @@
 
     python -m mmsparse.eval.train_toy --out mmsparse/toy_model --minutes 7 --seed 0
     python -m mmsparse.eval.train_toy --out DIR --steps 1800 --seed 0     # reproduce a run exactly
+    python -m mmsparse.eval.train_toy --out DIR --init mmsparse/toy_model --curriculum-start 1 --lr 3e-4  # fine-tune
 
 The model is a stock ``Qwen2_5_VLForConditionalGeneration`` (4 LLM layers, hidden 256, GQA 4/2,
 a 4-block vision tower) with an offline BPE tokenizer; frames are 112x112, so one temporal
@@ -209,8 +210,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--val-samples", type=int, default=48)
     parser.add_argument("--init", type=Path, help="start from this saved toy model (fine-tuning)")
     parser.add_argument("--digit-share", type=float, help="share of samples that ask about digit cards")
+    parser.add_argument("--variants", type=int, default=64, help="jittered renderings of each card in training")
+    parser.add_argument("--curriculum-start", type=float, default=0.0,
+                        help="length-curriculum progress at step 0, in [0, 1]; 1 samples the full range from the start "
+                             "(fine-tuning with --init)")
     parser.add_argument("--val-groups", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048])
     args = parser.parse_args(argv)
+    if not 0.0 <= args.curriculum_start <= 1.0:
+        parser.error("--curriculum-start must be in [0, 1]")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     random.seed(args.seed)
@@ -222,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
     use_packed_vision_attention(model)  # one SDPA call per layer instead of one per frame pair
     model.to(device).train()
-    sampler = TaskSampler(processor, device, crop="random", seed=args.seed, digit_share=args.digit_share)
+    sampler = TaskSampler(processor, device, crop="random", variants=args.variants, seed=args.seed,
+                          digit_share=args.digit_share)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     planned = args.steps or 10**9
     budget = args.minutes * 60
@@ -235,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
         lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in opt.param_groups:
             group["lr"] = lr
-        groups = groups_at(progress, rng, args.longest)
+        groups = groups_at(args.curriculum_start + (1.0 - args.curriculum_start) * progress, rng, args.longest)
         size = max(1, min(64, args.tokens_per_step // (groups * TOKENS_PER_GROUP)))
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss, correct = answer_loss(model, sampler.batch(groups, size, rng))
