@@ -293,24 +293,25 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> Lay
     recalls = [float(candidates[c].recall[h]) if c >= 0 else 1.0 for h, c in enumerate(chosen)]
     errors = [float(candidates[c].error[h]) if c >= 0 else 0.0 for h, c in enumerate(chosen)]
     natural = torch.zeros((1, hq, nq, nk), dtype=torch.bool, device=dev)
-    columns_list: list[torch.Tensor | None] = [None] * hq
     grid_heads = [h for h, kind in enumerate(kinds) if kind == "grid"]
-    for h, c in enumerate(chosen):  # per head: one indexing op each, no work per block
-        if c < 0:
-            natural[0, h] = visible
-        elif kinds[h] != "grid":
-            m = candidates[c].mask
-            natural[0, h] = m[h] if m.shape[0] > 1 else m[0]
-            if candidates[c].columns is not None:
-                columns_list[h] = candidates[c].columns[h]
-    natural[0, [h for h in range(hq) if h not in grid_heads]] |= text_blocks[:, None] & visible
-    width = max([len(c) for c in columns_list if c is not None], default=0)
+    chosen_t = torch.tensor(chosen, device=dev)
+    with_columns = [c for c in set(chosen) if c >= 0 and candidates[c].columns is not None]
+    width = max((candidates[c].columns.shape[1] for c in with_columns), default=0)
     columns = torch.zeros((1, hq, width), dtype=torch.int32, device=dev)
     column_count = torch.zeros((1, hq, nq), dtype=torch.int32, device=dev)
-    for h, cols in enumerate(columns_list):
-        if cols is not None:
-            columns[0, h, : len(cols)] = cols.to(torch.int32)
-            column_count[0, h] = torch.searchsorted(cols.to(torch.int32), order.q_max[0], right=True).to(torch.int32)
+    for c in set(chosen):  # one copy per chosen candidate, for all its heads at once
+        heads = torch.nonzero(chosen_t == c).flatten()
+        if c < 0:
+            natural[0, heads] = visible
+        elif candidates[c].kind != "grid":
+            m = candidates[c].mask
+            natural[0, heads] = m[heads] if m.shape[0] > 1 else m[0]
+        if c in with_columns:
+            cols = candidates[c].columns[heads].to(torch.int32)  # [h, C], ascending
+            columns[0, heads, : cols.shape[1]] = cols
+            column_count[0, heads] = torch.searchsorted(cols, order.q_max[0].expand(len(heads), -1).contiguous(),
+                                                        right=True).to(torch.int32)
+    natural[0, [h for h in range(hq) if h not in grid_heads]] |= text_blocks[:, None] & visible
     index = compile_block_mask(natural, order, columns if width else None, column_count if width else None)
     plan = LayerPlan(kinds, budgets, recalls, errors, 0.0, index, order, labels=labels)
     plan.table = {c.label: {"recall": c.recall.tolist(), "error": c.error.tolist(), "cost": c.cost.tolist()}
