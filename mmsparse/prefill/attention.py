@@ -66,9 +66,13 @@ _REQUEST: ContextVar[PrefillRequest | None] = ContextVar("mmsparse_prefill_reque
 
 
 @contextlib.contextmanager
-def sparse_prefill(layout: TokenLayout, config: PrefillConfig, plans: dict | None = None) -> Iterator[PrefillRequest]:
-    """Make the next prefill(s) in this context sparse; yields the request (its ``stats``)."""
-    request = PrefillRequest(layout, config, plans=plans)
+def sparse_prefill(layout: TokenLayout, config: PrefillConfig, plans: dict | None = None, *,
+                   collect: bool = False, sample_queries: int = 64) -> Iterator[PrefillRequest]:
+    """Make the next prefill(s) in this context sparse; yields the request (its ``stats``). With
+    ``collect`` (offline search) the forward stays exact and every layer's candidate table is
+    gathered in ``request.collect``."""
+    request = PrefillRequest(layout, config, plans=plans, collect={} if collect else None,
+                             sample_queries=sample_queries)
     token = _REQUEST.set(request)
     try:
         yield request
@@ -108,11 +112,9 @@ def mmsparse_attention(
     ):
         return _dense(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if request.collect is not None:  # offline search: measure every candidate, compute exactly
-        from .selection import SelectionConfig, select
+        from .selection import select
 
-        cfg = request.config
-        sel = SelectionConfig(gamma=cfg.gamma, block=cfg.block_size, max_density=1.0, max_error=cfg.max_error,
-                              sample_queries=request.sample_queries)
+        sel = _selection_config(request.config, max_density=1.0, sample_queries=request.sample_queries)
         request.collect.setdefault(layer, []).append(select(query, key, value, request.layout, sel).table)
         return _dense(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     return sparse_prefill_attention(query, key, value, request, layer, scaling)
@@ -120,16 +122,14 @@ def mmsparse_attention(
 
 def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: int, scaling: float | None):
     from ..kernels.sparse_attention import sparse_attention
-    from .selection import SelectionConfig, select
+    from .selection import select
 
-    cfg = request.config
     sync = query.is_cuda
     if sync:
         torch.cuda.synchronize(query.device)
     started = time.perf_counter()
     forced = request.plans.get(layer) if request.plans else None
-    sel = SelectionConfig(gamma=cfg.gamma, block=cfg.block_size, max_density=cfg.max_density, max_error=cfg.max_error,
-                          forced=tuple(forced) if forced is not None else None)
+    sel = _selection_config(request.config, forced=tuple(forced) if forced is not None else None)
     plan = select(query, key, value, request.layout, sel)
     if sync:
         torch.cuda.synchronize(query.device)
@@ -151,6 +151,13 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
         "recall": plan.recall, "error": plan.error, "index_s": indexed - started, "attention_s": done - indexed,
     })
     return out, None
+
+
+def _selection_config(cfg: PrefillConfig, **overrides):
+    from .selection import SelectionConfig
+
+    base = dict(gamma=cfg.gamma, block=cfg.block_size, max_density=cfg.max_density, max_error=cfg.max_error)
+    return SelectionConfig(**{**base, **overrides})
 
 
 def register() -> str:

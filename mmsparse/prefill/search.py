@@ -58,7 +58,7 @@ def search_patterns(
 ) -> dict[str, Any]:
     """Measure every candidate on ``videos`` with ``adapter``'s model and return the plan JSON."""
     from ..video import SamplingOptions, load_video
-    from .attention import PrefillRequest, _REQUEST, enable_sparse_prefill
+    from .attention import enable_sparse_prefill, sparse_prefill
 
     if not videos:
         raise InvalidInputError("give at least one video to search on (--videos PATH ...)")
@@ -73,13 +73,8 @@ def search_patterns(
         video = load_video(source, options, frame_factor=adapter.frame_factor, size_factor=adapter.size_factor)
         inputs, layout = adapter.prepare(video, question)
         inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        request = PrefillRequest(layout, config, collect={}, sample_queries=sample_queries)
-        token = _REQUEST.set(request)
-        try:
-            with torch.inference_mode():
-                model(**inputs, logits_to_keep=1, use_cache=False)
-        finally:
-            _REQUEST.reset(token)
+        with torch.inference_mode(), sparse_prefill(layout, config, collect=True, sample_queries=sample_queries) as request:
+            model(**inputs, logits_to_keep=1, use_cache=False)
         lengths.append(layout.seq_len)
         for layer, tables in request.collect.items():
             per_video.setdefault(layer, []).extend(tables)
