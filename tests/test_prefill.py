@@ -727,3 +727,30 @@ def test_prefill_config_accepts_the_supported_range():
     cfg = PrefillConfig(gamma=1.0, max_density=1.0, max_error=0.5, min_length=0, dense_layers=3)
     assert (cfg.gamma, cfg.max_density, cfg.max_error) == (1.0, 1.0, 0.5)
     assert PrefillConfig().max_error is None
+
+
+def test_several_visual_spans_in_one_prompt_match_the_reference_of_their_plan(monkeypatch):
+    """Two videos (different frame counts) and an image in one prompt: every visual row may go
+    sparse, text rows between them stay dense, both videos are permuted for grid heads, and the
+    layer equals masked attention on its plan's token mask."""
+    def video(start, frames, per_frame=16):
+        end = start + frames * per_frame
+        return Span("video", start, end, grid=(frames, 4, per_frame // 4),
+                    frame_starts=tuple(range(start, end, per_frame)), frame_lengths=(per_frame,) * frames)
+
+    image = Span("image", 200, 216, grid=(1, 4, 4), frame_starts=(200,), frame_lengths=(16,))
+    layout = TokenLayout.from_spans(330, [video(10, 8), image, video(230, 5)])
+    q, k, v = _random_qkv(330, seed=12)
+    plans = _capture_plans(monkeypatch)
+    request = PrefillRequest(layout, PrefillConfig(min_length=0, block_size=16, gamma=0.5, max_error=0.5,
+                                                   max_density=1.0))
+    out, _ = sparse_prefill_attention(q, k, v, request, layer=0, scaling=None)
+    (plan,) = plans
+    torch.testing.assert_close(out, masked_attention(q, k, v, _plan_token_mask(plan, 4))[0], **KERNEL)
+    tokens = _plan_token_mask(plan, 4)[0]
+    causal = torch.ones(330, 330, dtype=torch.bool, device=tokens.device).tril()
+    text_rows = (layout.modality_ids() == 0).to(tokens.device)
+    # Rows in query blocks that hold text (between and after the visual spans) see every earlier token.
+    block_has_text = torch.nn.functional.pad(text_rows, (0, 6)).view(-1, 16).any(-1).repeat_interleave(16)[:330]
+    assert (tokens[:, block_has_text] == causal[block_has_text]).all()
+    assert (tokens != causal).any()  # and some visual row is sparse
