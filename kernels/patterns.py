@@ -194,7 +194,5 @@ def block_topk(
     """Key blocks per query block by mean-pooled scores: the ``top_k`` best, or the fewest whose
     estimated softmax mass reaches ``gamma``. The first ``sink_blocks`` and every block crossing
     the causal boundary are always kept."""
-    if (top_k is None) == (gamma is None):
-        raise ValueError("give exactly one of top_k and gamma")
     mask = block_topk_mask(pooled_block_scores(q, k, order), order, top_k=top_k, gamma=gamma, sink_blocks=sink_blocks)
     return compile_block_mask(mask, order)
