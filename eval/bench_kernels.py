@@ -50,10 +50,8 @@ def cuda_ms(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
 
 def executed_pairs(index: SparseIndex, order: TokenOrder) -> float:
     """Query-key pairs the kernel computes (whole blocks, whole column chunks), over all heads."""
-    heads = HQ if index.blocks.shape[1] == 1 else 1
-    blocks = float(index.block_count.sum()) * heads * index.block_m * index.block_n
-    cols = float(index.column_count.sum()) * heads * index.block_m
-    return blocks + cols
+    shared = index.blocks.shape[1] == 1 and index.head_rows is None
+    return index.computed_pairs() * (HQ if shared else 1)
 
 
 def causal_pairs(n: int) -> float:
@@ -219,28 +217,31 @@ def run_peer(peer, q, k, v, n: int, base: dict, dense_flop: float, reps: int, ar
 
 
 def tune(n: int, device) -> list[dict]:
-    """Sweep block shape, warps and stages on block_topk at ~5% density."""
+    """Sweep block shape, warps, stages, TMA and program order on block_topk at ~5% density."""
     g = torch.Generator(device=device).manual_seed(1)
     q = torch.randn(1, HQ, n, D, device=device, dtype=torch.bfloat16, generator=g)
     k = torch.randn(1, HKV, n, D, device=device, dtype=torch.bfloat16, generator=g)
     v = torch.randn(1, HKV, n, D, device=device, dtype=torch.bfloat16, generator=g)
-    sdpa_ms, _ = dense_baselines(q, k, v, 3)
+    sdpa_ms, _ = dense_baselines(q, k, v, 5)
     dense_tflops = 4 * D * causal_pairs(n) / sdpa_ms / 1e9
+    print(f"  n {n}: cuDNN dense {sdpa_ms:.2f} ms = {dense_tflops:.0f} TF/s", flush=True)
     rows = []
-    for bm, bn in [(128, 128), (128, 64), (64, 64)]:
+    for bm, bn in [(128, 128), (128, 64), (64, 128)]:
         order = TokenOrder.causal(n, n, bm, bn, device=device)
         index = block_topk_for(0.05, order)(q, k)
-        for warps, stages, tma in itertools.product((4, 8), (2, 3, 4), (False, True)):
+        per_row = float(index.block_count.float().mean())
+        for warps, stages, tma, heads in itertools.product((4, 8), (2, 3, 4), (False, True), (False, True)):
             try:
                 ms = cuda_ms(lambda: sparse_attention(q, k, v, index, order, num_warps=warps, num_stages=stages,
-                                                      use_tma=tma), 5, 2)
+                                                      use_tma=tma, heads_fastest=heads), 5, 2)
             except Exception as err:
                 print(f"  {bm}x{bn} w{warps} s{stages} tma {tma}: {type(err).__name__}: {err}"[:300], flush=True)
                 continue
             tf = 4 * D * executed_pairs(index, order) / ms / 1e9
-            rows.append({"block": [bm, bn], "warps": warps, "stages": stages, "tma": tma, "ms": ms,
+            rows.append({"n": n, "block": [bm, bn], "warps": warps, "stages": stages, "tma": tma,
+                         "heads_fastest": heads, "blocks_per_row": per_row, "ms": ms, "sdpa_ms": sdpa_ms,
                          "executed_tflops": tf, "share_of_cudnn": tf / dense_tflops})
-            print(f"  {bm}x{bn} warps {warps} stages {stages} tma {tma:d}: {ms:7.2f} ms  {tf:5.0f} TF/s "
+            print(f"  {bm}x{bn} warps {warps} stages {stages} tma {tma:d} heads {heads:d}: {ms:7.2f} ms  {tf:5.0f} TF/s "
                   f"({100 * tf / dense_tflops:4.1f}% of cuDNN dense {dense_tflops:.0f})", flush=True)
     return rows
 
@@ -269,8 +270,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(rows, indent=1))
         return rows
     if args.tune:
-        rows = [{**env, **r} for r in tune(args.n[0], device)]
+        rows = [{**env, **r} for n in args.n for r in tune(n, device)]
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
+        for n in args.n:
+            best = sorted((r for r in rows if r["n"] == n), key=lambda r: -r["executed_tflops"])[:8]
+            for r in best:
+                print(f"{n:>7} {r['block'][0]}x{r['block'][1]} w{r['warps']} s{r['stages']} tma {r['tma']:d} "
+                      f"heads {r['heads_fastest']:d} {r['blocks_per_row']:5.1f} blocks/row {r['ms']:7.2f} ms "
+                      f"{r['executed_tflops']:4.0f} TF/s {100 * r['share_of_cudnn']:4.1f}%")
         return rows
     peer = None
     if args.peer is not None:

@@ -17,6 +17,7 @@ def to_block_mask(index: SparseIndex, order: TokenOrder):
     """Build a FlexAttention ``BlockMask`` from a column-free index."""
     from torch.nn.attention.flex_attention import BlockMask
 
+    index = index.per_head()
     if index.columns.shape[-1]:
         raise ValueError("the FlexAttention backend takes block patterns only; run column (vertical-slash) "
                          "indices with backend='triton'")

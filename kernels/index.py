@@ -21,7 +21,9 @@ mask (a query chunk of ``q_len`` rows ends at the last key); after a permutation
 * ``block_mask[b, h, r, c]``: the same block set as a dense boolean map.
 
 The head dimension of every index tensor may be 1 (one pattern for all heads); it is then
-broadcast, never copied.
+broadcast, never copied. Or it holds a few distinct rows and ``head_rows[h]`` names the row
+query head ``h`` reads, so heads with the same pattern share one row (a plan of 28 heads with
+four patterns compiles four rows, not 28).
 """
 
 from __future__ import annotations
@@ -131,15 +133,32 @@ class SparseIndex:
     block_mask: torch.Tensor  # bool [B, H, NQ, NK]
     columns: torch.Tensor  # int32 [B, H, C]
     column_count: torch.Tensor  # int32 [B, H, NQ]
+    head_rows: torch.Tensor | None = None  # int32 [Hq]: the row query head h reads (shared rows)
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.head_rows is None else t[:, self.head_rows.long()]
+
+    def per_head(self) -> "SparseIndex":
+        """The same index with its rows copied out per query head (for references and Flex)."""
+        if self.head_rows is None:
+            return self
+        return SparseIndex(self.block_m, self.block_n, self._rows(self.blocks), self._rows(self.block_count),
+                           self._rows(self.full_count), self._rows(self.block_mask), self._rows(self.columns),
+                           self._rows(self.column_count))
+
+    def computed_pairs(self) -> float:
+        """Query-key pairs the kernel computes: whole blocks plus whole column chunks, over the
+        index's heads (a head-free index counts once)."""
+        blocks = self._rows(self.block_count).float().sum() * self.block_m * self.block_n
+        return float(blocks + self._rows(self.column_count).float().sum() * self.block_m)
 
     def density(self, order: TokenOrder) -> float:
         """Share of the causally visible block area that is computed (columns counted as one
         block_n-th of a block each)."""
         visible, _ = order.block_visibility()
-        cols = self.column_count.float().sum() / self.block_n
-        heads = self.blocks.shape[1]
-        total = visible.sum() * (heads if heads > 1 else 1)
-        return float((self.block_count.float().sum() + cols) / total.clamp(min=1))
+        heads = self.blocks.shape[1] if self.head_rows is None else len(self.head_rows)
+        total = visible.sum() * (heads if heads > 1 else 1) * self.block_m * self.block_n
+        return float(self.computed_pairs() / total.clamp(min=1))
 
 
 def compile_block_mask(
@@ -147,9 +166,12 @@ def compile_block_mask(
     order: TokenOrder,
     columns: torch.Tensor | None = None,
     column_count: torch.Tensor | None = None,
+    head_rows: torch.Tensor | None = None,
 ) -> SparseIndex:
     """Turn a block mask [B, H, NQ, NK] into a ``SparseIndex``: drop invisible blocks, list the
-    fully visible ones first. Vectorised (one sort per row batch); no loops over heads or blocks."""
+    fully visible ones first. Vectorised (one sort per row batch); no loops over heads or blocks.
+    With ``head_rows`` the H mask rows are distinct patterns and query head h reads row
+    ``head_rows[h]``."""
     b, h, nq, nk = mask.shape
     if (nq, nk) != (order.num_q_blocks, order.num_k_blocks):
         raise ValueError(f"block mask has {nq}x{nk} blocks but the token order has "
@@ -168,8 +190,12 @@ def compile_block_mask(
         columns = torch.zeros((b, h, 0), dtype=torch.int32, device=mask.device)
         column_count = torch.zeros((b, h, nq), dtype=torch.int32, device=mask.device)
     column_count = column_count.to(torch.int32).expand(b, h, nq).contiguous()  # same strides as the counts
+    if head_rows is not None:
+        head_rows = head_rows.to(device=mask.device, dtype=torch.int32).contiguous()
+        if head_rows.dim() != 1 or (len(head_rows) and int(head_rows.max()) >= h) or (len(head_rows) and int(head_rows.min()) < 0):
+            raise ValueError(f"head_rows must be a 1-D list of mask rows in [0, {h}); got {head_rows.tolist()}")
     return SparseIndex(order.block_m, order.block_n, blocks, count, is_full.sum(-1, dtype=torch.int32),
-                       mask, columns.to(torch.int32).contiguous(), column_count)
+                       mask, columns.to(torch.int32).contiguous(), column_count, head_rows)
 
 
 def dense_index(order: TokenOrder, heads: int = 1) -> SparseIndex:

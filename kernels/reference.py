@@ -17,6 +17,7 @@ def kv_heads(hq: int, hkv: int, head_map: torch.Tensor | None, device) -> torch.
 def index_token_mask(index: SparseIndex, order: TokenOrder) -> torch.Tensor:
     """[B, H, Mq, Mk] booleans: the tokens the index makes a query compute, after causality.
     Built from the block and column lists (not from ``block_mask``), so it checks them."""
+    index = index.per_head()
     b, h, nq, _ = index.blocks.shape
     mq, mk = order.q_pos.shape[1], order.k_pos.shape[1]
     nk = order.num_k_blocks
@@ -89,6 +90,7 @@ def chunked_sparse_attention(
 ) -> torch.Tensor:
     """The kernel's semantics in torch, a chunk of query rows at a time (memory O(chunk x Mk)):
     the backend on CPUs, where Triton has no compiled target. Returns [B, Mq, Hq, D]."""
+    index = index.per_head()
     bsz, hq, mq, d = q.shape
     mk = k.shape[2]
     kv_of = kv_heads(hq, k.shape[1], head_map, q.device)

@@ -30,7 +30,8 @@ def _attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED: tl.constexpr
     p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per score
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)  # accumulate in place: no second fp32 tile, no extra adds
     return acc, m_new, l_i
 
 
@@ -57,6 +58,7 @@ def _attend_tma(acc, m_i, l_i, q, k_desc, v_desc, b, kvh, start, visible, qk_sca
 @triton.jit
 def _sparse_attention_fwd(
     Q, K, V, KD, VD, O, LSE, QPOS, KPOS, BLOCKS, BLOCK_COUNT, FULL_COUNT, BLOCK_MASK, COLUMNS, COLUMN_COUNT, HEAD_MAP,
+    HEAD_ROWS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -67,33 +69,47 @@ def _sparse_attention_fwd(
     stride_nb, stride_nh,  # counts [B, H, NQ]
     H, GROUP, MQ, MK, NQ, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_COLUMNS: tl.constexpr, HAS_HEAD_MAP: tl.constexpr, WRITE_LSE: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_COLUMNS: tl.constexpr, HAS_HEAD_MAP: tl.constexpr, HAS_HEAD_ROWS: tl.constexpr, WRITE_LSE: tl.constexpr,
+    USE_TMA: tl.constexpr, HEADS_FASTEST: tl.constexpr,
 ):
-    qb = NQ - 1 - tl.program_id(0)  # heaviest (latest) query blocks first
-    bh = tl.program_id(1)
+    # Heaviest (latest) query blocks first. With HEADS_FASTEST the heads of one query block run
+    # side by side, so the heads of a GQA group read their shared key blocks while they are in L2.
+    if HEADS_FASTEST:
+        bh = tl.program_id(0)
+        qb = NQ - 1 - tl.program_id(1)
+    else:
+        qb = NQ - 1 - tl.program_id(0)
+        bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     if HAS_HEAD_MAP:
         kvh = tl.load(HEAD_MAP + h)
     else:
         kvh = h // GROUP
+    # 64-bit tensor offsets: at 1M tokens, 28 heads x 1M rows x 128 overflows int32.
+    b64, h64, kvh64 = b.to(tl.int64), h.to(tl.int64), kvh.to(tl.int64)
+    if HAS_HEAD_ROWS:  # heads with the same pattern share one index row
+        ih = tl.load(HEAD_ROWS + h)
+    else:
+        ih = h
 
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < MQ
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+    rows64 = offs_m.to(tl.int64)[:, None]
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows64 * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     q_pos = tl.load(QPOS + b * MQ + offs_m, mask=row_ok, other=-1)
 
-    k_base = K + b * stride_kb + kvh * stride_kh + offs_d[None, :]
-    v_base = V + b * stride_vb + kvh * stride_vh + offs_d[None, :]
+    k_base = K + b64 * stride_kb + kvh64 * stride_kh + offs_d[None, :]
+    v_base = V + b64 * stride_vb + kvh64 * stride_vh + offs_d[None, :]
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked rows stay NaN-free
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    row = BLOCKS + b * stride_ib + h * stride_ih + qb * stride_iq
-    count_at = b * stride_nb + h * stride_nh + qb
+    row = BLOCKS + b * stride_ib + ih * stride_ih + qb * stride_iq
+    count_at = b * stride_nb + ih * stride_nh + qb
     n_blocks = tl.load(BLOCK_COUNT + count_at)
     n_full = tl.load(FULL_COUNT + count_at)
     for j in range(0, n_full):
@@ -117,8 +133,8 @@ def _sparse_attention_fwd(
                                     v_base + keys[:, None] * stride_vn, visible, qk_scale, True, k_ok)
     if HAS_COLUMNS:
         n_cols = tl.load(COLUMN_COUNT + count_at)
-        col_row = COLUMNS + b * stride_cb + h * stride_ch
-        mask_row = BLOCK_MASK + b * stride_mb + h * stride_mh + qb * stride_mq
+        col_row = COLUMNS + b * stride_cb + ih * stride_ch
+        mask_row = BLOCK_MASK + b * stride_mb + ih * stride_mh + qb * stride_mq
         for c in range(0, n_cols, BLOCK_N):
             at = c + offs_n
             keys = tl.load(col_row + at, mask=at < n_cols, other=0)
@@ -131,11 +147,11 @@ def _sparse_attention_fwd(
 
     seen = (l_i > 0) & (q_pos >= 0)  # padding rows may have summed keys in full blocks: drop them
     out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+    tl.store(O + b64 * stride_ob + h64 * stride_oh + rows64 * stride_om + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
     if WRITE_LSE:
         lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-        tl.store(LSE + bh * MQ + offs_m, lse, mask=row_ok)
+        tl.store(LSE + bh.to(tl.int64) * MQ + offs_m, lse, mask=row_ok)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: TokenOrder, index: SparseIndex,
@@ -158,7 +174,10 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: TokenOrder,
     if order.q_pos.shape != (q.shape[0], q.shape[2]) or order.k_pos.shape != (k.shape[0], k.shape[2]):
         raise ValueError(f"token order covers {tuple(order.q_pos.shape)} queries and {tuple(order.k_pos.shape)} "
                          f"keys but q has {q.shape[2]} rows and k {k.shape[2]}")
-    if index.blocks.shape[1] not in (1, q.shape[1]):
+    if index.head_rows is not None:
+        if index.head_rows.shape != (q.shape[1],) or index.head_rows.dtype != torch.int32:
+            raise ValueError(f"index.head_rows must be int32 [{q.shape[1]}] (the index row of each query head)")
+    elif index.blocks.shape[1] not in (1, q.shape[1]):
         raise ValueError(f"index has {index.blocks.shape[1]} heads; use 1 or the {q.shape[1]} query heads")
 
 
@@ -176,6 +195,7 @@ def sparse_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     use_tma: bool | None = None,
+    heads_fastest: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparse causal attention. q [B, Hq, Mq, D], k/v [B, Hkv, Mk, D] (any strides with a
     contiguous last axis). On a CPU without the Triton interpreter it runs the same semantics
@@ -215,10 +235,12 @@ def sparse_attention(
 
         kd = TensorDescriptor.from_tensor(k, [1, 1, index.block_n, d])
         vd = TensorDescriptor.from_tensor(v, [1, 1, index.block_n, d])
-    grid = (nq, bsz * hq)
+    if heads_fastest is None:
+        heads_fastest = False
+    grid = (bsz * hq, nq) if heads_fastest else (nq, bsz * hq)
     _sparse_attention_fwd[grid](
         q, k, v, kd, vd, out, lse, order.q_pos, order.k_pos, bi, nc, index.full_count, bm, cc, index.column_count,
-        head_map if head_map is not None else nc,
+        head_map if head_map is not None else nc, index.head_rows if index.head_rows is not None else nc,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -229,7 +251,8 @@ def sparse_attention(
         nc.stride(0), hstride(nc),
         hq, max(1, hq // hkv), mq, mk, nq, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=index.block_m, BLOCK_N=index.block_n,
-        HAS_COLUMNS=has_cols, HAS_HEAD_MAP=head_map is not None, WRITE_LSE=return_lse,
-        USE_TMA=use_tma, num_warps=num_warps, num_stages=num_stages,
+        HAS_COLUMNS=has_cols, HAS_HEAD_MAP=head_map is not None, HAS_HEAD_ROWS=index.head_rows is not None,
+        WRITE_LSE=return_lse,
+        USE_TMA=use_tma, HEADS_FASTEST=heads_fastest, num_warps=num_warps, num_stages=num_stages,
     )
     return (out, lse) if return_lse else out

@@ -173,6 +173,34 @@ def test_head_map_is_used():
     assert not torch.allclose(swapped, sparse_attention(q, k, v, index, order), atol=1e-3)
 
 
+def test_heads_fastest_program_order_is_the_same_attention():
+    """The heads-first launch order must cover every (query block, head) once, batch included."""
+    q, k, v = qkv(2, 4, 2, 70, 70, 16, seed=11)
+    order = causal_order(70, 70, 16, 16, [70, 41], [70, 41], batch=2)
+    index = random_index(order, 4, n_cols=6, seed=5)
+    ref, _ = reference_sparse_attention(q, k, v, index, order)
+    out = sparse_attention(q, k, v, index, order, heads_fastest=True)
+    torch.testing.assert_close(out.float(), ref, **OUT_TOL[q.dtype])
+
+
+def test_shared_index_rows_read_through_head_rows():
+    """Heads that share a pattern read one index row: the kernel must equal the reference on
+    the per-head copy, columns included, and reject a head_rows that names no row."""
+    q, k, v = qkv(1, 4, 2, 80, 80, 16, seed=21)
+    order = causal_order(80, 80, 16, 16)
+    rows = random_index(order, 2, n_cols=5, seed=8)
+    head_rows = torch.tensor([1, 0, 1, 1], dtype=torch.int32, device=DEVICE)
+    shared = compile_block_mask(rows.block_mask, order, rows.columns, rows.column_count, head_rows=head_rows)
+    copied = shared.per_head()
+    assert copied.blocks.shape[1] == 4 and torch.equal(copied.block_mask[0, 2], rows.block_mask[0, 1])
+    check_kernel(q, k, v, shared, order)
+    torch.testing.assert_close(sparse_attention(q, k, v, shared, order).float(),
+                               sparse_attention(q, k, v, copied, order).float(), atol=1e-6, rtol=1e-6)
+    assert shared.computed_pairs() == copied.computed_pairs()
+    with pytest.raises(ValueError, match="head_rows"):
+        compile_block_mask(rows.block_mask, order, head_rows=torch.tensor([0, 2, 1, 1]))
+
+
 # ----------------------------------------------------------------------------- 2. dense == SDPA
 
 
