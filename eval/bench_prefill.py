@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--mix-config", help="which config of that summary (default: the first sparse one)")
     parser.add_argument("--chunk", type=int, default=32768, help="MLP chunk (tokens)")
     parser.add_argument("--gamma", type=float, default=0.95)
+    parser.add_argument("--sparse-only-above", type=int, default=None,
+                        help="lengths above this run the sparse prefill only (dense would take too long)")
     parser.add_argument("--out", type=Path, default=RESULTS / "prefill.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -154,11 +156,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         embeds = torch.randn(1, n, model.config.text_config.hidden_size, device="cuda", dtype=torch.bfloat16) * 0.02
         pos = pos.cuda()
         rec = {"gpu": env["gpu"], "torch": env["torch"], "n": n, "config": f"fixed mix {mix_text}", "chunk": args.chunk}
+        with_dense = args.sparse_only_above is None or n <= args.sparse_only_above
         try:
             with chunked_mlp(model, args.chunk):
-                model.set_attn_implementation({"text_config": "sdpa"})
-                dense_s, rec["dense_peak_gb"] = prefill_once(model, embeds, pos)
-                rec["dense_ms"] = dense_s * 1e3
+                if with_dense:
+                    model.set_attn_implementation({"text_config": "sdpa"})
+                    dense_s, rec["dense_peak_gb"] = prefill_once(model, embeds, pos)
+                    rec["dense_ms"] = dense_s * 1e3
+                else:
+                    rec["dense_ms"] = None
                 enable_sparse_prefill(model)
                 with sparse_prefill(layout, cfg, plans=plans) as request:
                     sparse_s, rec["peak_gb"] = prefill_once(model, embeds, pos)
@@ -168,6 +174,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rec["index_ms"] = sum(layer["index_s"] for layer in request.stats.layers) * 1e3
             rec["attention_ms"] = sum(layer["attention_s"] for layer in request.stats.layers) * 1e3
             rec["pattern_counts"] = summary["pattern_counts"]
+            if not with_dense:
+                continue
             rec["speedup"] = rec["dense_ms"] / rec["sparse_ms"]
             dense_attn, sparse_attn = attention_only(n, layout, plans, cfg)
             share = min(1.0, dense_attn * layers * 1e3 / rec["dense_ms"])
@@ -179,14 +187,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         finally:
             model.set_attn_implementation({"text_config": "sdpa"})
             torch.cuda.empty_cache()
-        records.append(rec)
-        print(json.dumps(rec), flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(records, indent=1) + "\n")
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(records, indent=1) + "\n")
     print(f"\n{'n':>7} {'dense ms':>9} {'sparse ms':>9} {'x':>5} {'bound':>6} {'density':>7} {'index ms':>8} {'peak GB':>7}")
     for r in records:
         if "error" in r:
             print(f"{r['n']:>7} {r['error']}")
+            continue
+        if r["dense_ms"] is None:
+            print(f"{r['n']:>7} {'-':>9} {r['sparse_ms']:9.0f} {'-':>5} {'-':>6} {r['density']:7.3f} {r['index_ms']:8.0f} "
+                  f"{r['peak_gb']:7.1f}")
             continue
         print(f"{r['n']:>7} {r['dense_ms']:9.0f} {r['sparse_ms']:9.0f} {r['speedup']:5.2f} {r['speedup_bound']:6.2f} "
               f"{r['density']:7.3f} {r['index_ms']:8.0f} {r['peak_gb']:7.1f}")

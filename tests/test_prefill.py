@@ -235,7 +235,7 @@ def _grid_shares(plan, layout: TokenLayout) -> list[float]:
         return []
     video = _video_block_rows(layout, plan.order.block_m).to(plan.grid.block_mask.device)
     causal = float(plan.order.block_visibility()[0][0][video].sum())
-    return [float(plan.grid.block_mask[0, i][video].sum()) / causal for i in range(len(plan.grid_heads))]
+    return [float(plan.grid.per_head().block_mask[0, i][video].sum()) / causal for i in range(len(plan.grid_heads))]
 
 
 def _capture_plans(monkeypatch) -> list:
@@ -489,8 +489,8 @@ def test_select_text_rows_are_dense_and_plans_are_complete():
     assert text.sum() == 4 and not text.all()  # blocks 0, 1 (rows 16-20 are text), 9 and 10
     for h, kind in enumerate(plan.kinds):
         if kind != "grid":
-            assert torch.equal(plan.natural.block_mask[0, h][text], visible[text]), h
-            assert torch.equal(plan.natural.block_count[0, h][text], visible[text].sum(-1).int()), h
+            assert torch.equal(plan.natural.per_head().block_mask[0, h][text], visible[text]), h
+            assert torch.equal(plan.natural.per_head().block_count[0, h][text], visible[text].sum(-1).int()), h
     # Token level, grid heads included: every text row sees every earlier token.
     tokens = _plan_token_mask(plan, 4)[0]
     causal = torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril()
@@ -506,7 +506,7 @@ def test_select_tiny_max_density_makes_every_head_dense():
     plan = select(q, k, v, layout, SelectionConfig(block=16, gamma=0.5, max_density=0.01))
     assert plan.kinds == ["dense"] * 4 and plan.grid is None
     visible = plan.order.block_visibility()[0][0]
-    assert torch.equal(plan.natural.block_mask[0], visible.expand(4, -1, -1))
+    assert torch.equal(plan.natural.per_head().block_mask[0], visible.expand(4, -1, -1))
     assert plan.natural.columns.shape[-1] == 0
     assert plan.density >= 1.0 - 1e-6  # every causal pair (whole blocks may count a little more)
 

@@ -270,6 +270,52 @@ def _vertical_slash_candidates(q, k, v, visual, order, n, cfg, add, visible, vid
             columns=cols, extra=extra, extra_cost=col_cost)
 
 
+def _shared_rows(candidates: list[Candidate], chosen: list[int], visible: torch.Tensor, text_blocks: torch.Tensor,
+                 order: TokenOrder) -> SparseIndex:
+    """The natural-order index of a layer with one row per distinct pattern: a head-free
+    candidate (A-shape), dense and "grid" (nothing here: its heads run in the permuted order)
+    take one row for all their heads; per-head candidates (vertical-slash, block) one row per
+    head. Text query blocks are dense in every non-grid row."""
+    dev = visible.device
+    nq = visible.shape[0]
+    masks, cols, col_counts, grid_rows = [], [], [], []
+    head_rows = torch.empty(len(chosen), dtype=torch.int32, device=dev)
+    chosen_t = torch.tensor(chosen, device=dev)
+    width = max((candidates[c].columns.shape[1] for c in set(chosen) if c >= 0 and candidates[c].columns is not None),
+                default=0)
+    for c in sorted(set(chosen)):  # a few distinct candidates, each handled for all its heads at once
+        heads = torch.nonzero(chosen_t == c).flatten()
+        cand = candidates[c] if c >= 0 else None
+        per_head = cand is not None and (cand.mask.shape[0] > 1 or cand.columns is not None)
+        if cand is None:
+            m = visible[None]
+        elif cand.kind == "grid":
+            m = torch.zeros_like(visible)[None]
+            grid_rows.append(sum(len(x) for x in masks))
+        else:
+            m = cand.mask[heads] if cand.mask.shape[0] > 1 else cand.mask[:1].expand(len(heads) if per_head else 1, -1, -1)
+        count = torch.zeros((len(m), nq), dtype=torch.int32, device=dev)
+        row_cols = torch.zeros((len(m), width), dtype=torch.int32, device=dev)
+        if cand is not None and cand.columns is not None:
+            c_heads = cand.columns[heads].to(torch.int32)  # [h, C], ascending
+            row_cols[:, : c_heads.shape[1]] = c_heads
+            count = torch.searchsorted(c_heads, order.q_max[0].expand(len(heads), -1).contiguous(),
+                                       right=True).to(torch.int32)
+        first = sum(len(x) for x in masks)
+        head_rows[heads] = (first + torch.arange(len(heads), device=dev, dtype=torch.int32)) if per_head else first
+        masks.append(m)
+        cols.append(row_cols)
+        col_counts.append(count)
+    mask = torch.cat(masks)
+    dense_text = text_blocks[:, None] & visible
+    not_grid = torch.ones(len(mask), dtype=torch.bool, device=dev)
+    not_grid[grid_rows] = False
+    mask = mask | (dense_text[None] & not_grid[:, None, None])
+    columns = torch.cat(cols)[None] if width else None
+    column_count = torch.cat(col_counts)[None] if width else None
+    return compile_block_mask(mask[None], order, columns, column_count, head_rows=head_rows)
+
+
 def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> LayerPlan:
     dev = visible.device
     nq, nk = visible.shape
@@ -292,43 +338,26 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> Lay
     labels = [candidates[c].label if c >= 0 else "dense" for c in chosen]
     recalls = [float(candidates[c].recall[h]) if c >= 0 else 1.0 for h, c in enumerate(chosen)]
     errors = [float(candidates[c].error[h]) if c >= 0 else 0.0 for h, c in enumerate(chosen)]
-    natural = torch.zeros((1, hq, nq, nk), dtype=torch.bool, device=dev)
     grid_heads = [h for h, kind in enumerate(kinds) if kind == "grid"]
-    chosen_t = torch.tensor(chosen, device=dev)
-    with_columns = [c for c in set(chosen) if c >= 0 and candidates[c].columns is not None]
-    width = max((candidates[c].columns.shape[1] for c in with_columns), default=0)
-    columns = torch.zeros((1, hq, width), dtype=torch.int32, device=dev)
-    column_count = torch.zeros((1, hq, nq), dtype=torch.int32, device=dev)
-    for c in set(chosen):  # one copy per chosen candidate, for all its heads at once
-        heads = torch.nonzero(chosen_t == c).flatten()
-        if c < 0:
-            natural[0, heads] = visible
-        elif candidates[c].kind != "grid":
-            m = candidates[c].mask
-            natural[0, heads] = m[heads] if m.shape[0] > 1 else m[0]
-        if c in with_columns:
-            cols = candidates[c].columns[heads].to(torch.int32)  # [h, C], ascending
-            columns[0, heads, : cols.shape[1]] = cols
-            column_count[0, heads] = torch.searchsorted(cols, order.q_max[0].expand(len(heads), -1).contiguous(),
-                                                        right=True).to(torch.int32)
-    natural[0, [h for h in range(hq) if h not in grid_heads]] |= text_blocks[:, None] & visible
-    index = compile_block_mask(natural, order, columns if width else None, column_count if width else None)
-    plan = LayerPlan(kinds, budgets, recalls, errors, 0.0, index, order, labels=labels)
+    natural = _shared_rows(candidates, chosen, visible, text_blocks, order)
+    plan = LayerPlan(kinds, budgets, recalls, errors, 0.0, natural, order, labels=labels)
     plan.table = {c.label: {"recall": c.recall.tolist(), "error": c.error.tolist(), "cost": c.cost.tolist()}
                   for c in candidates}
-    area = order.block_m * order.block_n  # pairs per block, in either order
-    computed = float(index.block_count.sum()) * area + float(index.column_count.sum()) * order.block_m
+    computed = natural.computed_pairs()
     if grid_heads and grid_ctx is not None:
         perm, porder, inverse = grid_ctx
-        masks = torch.stack([candidates[chosen[h]].mask[0] for h in grid_heads])[None]  # grid masks are head-free
         pvisible, _ = porder.block_visibility()
-        # The permutation moves video rows only, so a permuted query block holds text iff the
-        # natural block with the same number does: those rows stay dense.
+        grid_chosen = sorted({chosen[h] for h in grid_heads})
+        # Grid masks are head-free: one row per band. The permutation moves video rows only, so
+        # a permuted query block holds text iff the natural block with the same number does:
+        # those rows stay dense.
+        masks = torch.stack([candidates[c].mask[0] for c in grid_chosen])[None]
         masks = masks | (text_blocks[:, None] & pvisible[0])[None, None]
-        plan.grid = compile_block_mask(masks, porder)
+        rows = torch.tensor([grid_chosen.index(chosen[h]) for h in grid_heads], dtype=torch.int32, device=dev)
+        plan.grid = compile_block_mask(masks, porder, head_rows=rows)
         plan.grid_heads = torch.tensor(grid_heads, device=dev)
         plan.grid_order, plan.perm, plan.inverse = porder, perm, inverse
-        computed += float(plan.grid.block_count.sum()) * area
+        computed += plan.grid.computed_pairs()
     n = order.q_pos.shape[1]
     plan.density = computed / (hq * n * (n + 1) / 2)
     return plan
