@@ -8,9 +8,9 @@ candidate whose recall reaches ``gamma``; a head no candidate serves goes dense.
 
 Candidates: A-shape (sink + local band), vertical-slash (top columns + top diagonals),
 block-sparse (pooled-score blocks up to a mass threshold), and the video grid (a band in the
-position-major permuted order, ``mmsparse.kernels.permute``). Budgets come in small ladders
-relative to the length, so the choice is a handful of tensor ops per candidate, not a loop over
-heads or blocks.
+position-major permuted order, ``mmsparse.kernels.permute``). Budgets come in small ladders of
+absolute sizes (tokens, or frames for the grid: locality does not grow with the prompt), so the
+choice is a handful of tensor ops per candidate, not a loop over heads or blocks.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def _forced(candidates: list[Candidate], labels: tuple[str, ...], heads: int) ->
     return [-1 if lab == "dense" else by_label[lab] for lab in labels]
 
 
-A_SHAPE_LOCAL = (512, 1024, 2048, 4096, 8192)  # tokens: locality is absolute, not a share of the prompt
+A_SHAPE_LOCAL = (128, 256, 512, 1024, 2048, 4096, 8192)  # tokens: locality is absolute, not a share of the prompt
 VERTICAL_SLASH = ((250, 512), (500, 1024), (1000, 2048), (1000, 4096))  # (columns, nearest-first diagonals)
 GRID_BANDS = (2, 4, 8)  # band width in the permuted order, in multiples of the frame count
 
