@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from mmsparse.config import PrefillConfig
     from mmsparse.eval.shapes import qwen2_5_vl_7b
     from mmsparse.prefill.attention import enable_sparse_prefill, sparse_prefill
-    from mmsparse.prefill.chunking import chunked_mlp
+    from mmsparse.prefill.chunking import chunked_pointwise
 
     env = environment()
     mix_text = mix_from_summary(args.mix_from, args.mix_config) if args.mix_from else args.mix
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     records = []
     warm_layout, warm_pos = video_prompt(8192)  # compile every kernel variant before timing
     warm = torch.randn(1, warm_layout.seq_len, model.config.text_config.hidden_size, device="cuda", dtype=torch.bfloat16)
-    with chunked_mlp(model, args.chunk):
+    with chunked_pointwise(model, args.chunk):
         prefill_once(model, warm, warm_pos.cuda())
         enable_sparse_prefill(model)
         with sparse_prefill(warm_layout, cfg, plans=plans):
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rec = {"gpu": env["gpu"], "torch": env["torch"], "n": n, "config": f"fixed mix {mix_text}", "chunk": args.chunk}
         with_dense = args.sparse_only_above is None or n <= args.sparse_only_above
         try:
-            with chunked_mlp(model, args.chunk):
+            with chunked_pointwise(model, args.chunk):
                 if with_dense:
                     model.set_attn_implementation({"text_config": "sdpa"})
                     dense_s, rec["dense_peak_gb"] = prefill_once(model, embeds, pos)

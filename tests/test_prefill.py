@@ -41,6 +41,7 @@ from mmsparse.prefill.attention import (  # noqa: E402
     sparse_prefill,
     sparse_prefill_attention,
 )
+from mmsparse.prefill.chunking import ChunkedAlongSequence, chunked_pointwise  # noqa: E402
 from mmsparse.prefill.selection import RowStats, SelectionConfig, select  # noqa: E402
 from mmsparse.testing import synthetic_frames, tiny_llava_onevision, tiny_qwen2_5_vl  # noqa: E402
 from mmsparse.video import SamplingOptions, load_video  # noqa: E402
@@ -316,6 +317,30 @@ def test_covering_budget_on_the_toy_model_layer_by_layer(toy):
     for i in range(4):
         assert torch.isfinite(sparse_out[i]).all()
         assert _rel(sparse_out[i], dense_out[i]) < 1e-4, i
+
+
+@pytest.mark.parametrize("name", ["qwen", "llava"])
+def test_chunked_pointwise_is_exact_and_restores_the_model(name, request):
+    """MLPs and norms run a few tokens at a time: same logits, every decoder stack's MLPs, layer
+    norms and final norm wrapped (nothing of the vision tower), the originals back on exit."""
+    case: Case = request.getfixturevalue(name)
+    text = case.stock.model.language_model
+    before = {name: id(module) for name, module in case.stock.named_modules()}
+    expected = _forward(case.stock, case.inputs)
+    with chunked_pointwise(case.stock, chunk=7) as wrapped:
+        layers = len(text.layers)
+        assert wrapped == 3 * layers + 1
+        assert isinstance(text.norm, ChunkedAlongSequence)
+        assert all(isinstance(layer.mlp, ChunkedAlongSequence) for layer in text.layers)
+        assert all(isinstance(layer.input_layernorm, ChunkedAlongSequence) for layer in text.layers)
+        vision = case.stock.model.vision_tower if hasattr(case.stock.model, "vision_tower") else case.stock.model.visual
+        assert not any(isinstance(m, ChunkedAlongSequence) for m in vision.modules())
+        got = _forward(case.stock, case.inputs)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert {name: id(module) for name, module in case.stock.named_modules()} == before
+    with pytest.raises(ValueError, match="chunk"):
+        with chunked_pointwise(case.stock, chunk=0):
+            pass
 
 
 # ----------------------------------------------------------------------------- 2. when the stage stays dense
