@@ -169,7 +169,7 @@ def compile_block_mask(
     head_rows: torch.Tensor | None = None,
 ) -> SparseIndex:
     """Turn a block mask [B, H, NQ, NK] into a ``SparseIndex``: drop invisible blocks, list the
-    fully visible ones first. Vectorised (one sort per row batch); no loops over heads or blocks.
+    fully visible ones first. Vectorised (running counts and one scatter); no loops over heads or blocks.
     With ``head_rows`` the H mask rows are distinct patterns and query head h reads row
     ``head_rows[h]``."""
     b, h, nq, nk = mask.shape
@@ -180,12 +180,17 @@ def compile_block_mask(
     mask = mask & visible[:, None]
     is_full = mask & full[:, None]
     ids = torch.arange(nk, dtype=torch.int32, device=mask.device)
-    # Sort key: full blocks first (ascending), then partial ones, then unused slots.
-    key = torch.where(is_full, ids, torch.where(mask, ids + nk, 2 * nk))
     count = mask.sum(-1, dtype=torch.int32)
+    n_full = is_full.sum(-1, dtype=torch.int32)
     width = max(1, int(count.max()))
-    key = key.topk(width, dim=-1, largest=False, sorted=True).values if width < nk else key.sort(-1).values
-    blocks = torch.where(key < nk, key, key - nk).clamp(max=nk - 1).to(torch.int32).contiguous()
+    # Slot of each listed block: full blocks first, then partial ones, each ascending. Running
+    # counts give it directly (no sort); unlisted blocks go to a spill slot past the end.
+    slot = torch.where(is_full, is_full.cumsum(-1, dtype=torch.int32) - 1,
+                       (mask & ~is_full).cumsum(-1, dtype=torch.int32) - 1 + n_full[..., None])
+    slot = torch.where(mask, slot, width).long()
+    blocks = torch.zeros((b, h, nq, width + 1), dtype=torch.int32, device=mask.device)
+    blocks.scatter_(-1, slot, ids.expand(b, h, nq, nk))
+    blocks = blocks[..., :width].contiguous()
     if columns is None:
         columns = torch.zeros((b, h, 0), dtype=torch.int32, device=mask.device)
         column_count = torch.zeros((b, h, nq), dtype=torch.int32, device=mask.device)
@@ -194,7 +199,7 @@ def compile_block_mask(
         head_rows = head_rows.to(device=mask.device, dtype=torch.int32).contiguous()
         if head_rows.dim() != 1 or (len(head_rows) and int(head_rows.max()) >= h) or (len(head_rows) and int(head_rows.min()) < 0):
             raise ValueError(f"head_rows must be a 1-D list of mask rows in [0, {h}); got {head_rows.tolist()}")
-    return SparseIndex(order.block_m, order.block_n, blocks, count, is_full.sum(-1, dtype=torch.int32),
+    return SparseIndex(order.block_m, order.block_n, blocks, count, n_full,
                        mask, columns.to(torch.int32).contiguous(), column_count, head_rows)
 
 
