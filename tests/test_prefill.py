@@ -525,6 +525,24 @@ def test_select_text_rows_are_dense_and_plans_are_complete():
     assert not torch.equal(tokens, causal.expand(4, -1, -1))  # the video rows are not all dense
 
 
+def test_fixed_plan_estimates_vertical_slash_for_its_heads_only():
+    """A fixed plan estimates vertical-slash for the heads that use it (GQA heads of both KV
+    heads); their rows and columns equal those of a plan giving every head vertical-slash."""
+    layout = _video_layout(pre=21, frames=8, per_frame=16, post=19)
+    q, k, v = _random_qkv(layout.seq_len, seed=9)
+    label = "vertical_slash:250/512"
+    mixed = select(q, k, v, layout, SelectionConfig(block=16, forced=("a_shape:128", label, "dense", label)))
+    every = select(q, k, v, layout, SelectionConfig(block=16, forced=(label,) * 4))
+    assert mixed.labels == ["a_shape:128", label, "dense", label]
+    assert mixed.natural.blocks.shape[1] == 4  # dense, A-shape, one row per vertical-slash head
+    got, want = mixed.natural.per_head(), every.natural.per_head()
+    for h in (1, 3):
+        assert torch.equal(got.block_mask[0, h], want.block_mask[0, h]), h
+        assert torch.equal(got.columns[0, h], want.columns[0, h]), h
+        assert torch.equal(got.column_count[0, h], want.column_count[0, h]), h
+    assert got.column_count[0, 1].sum() > 0
+
+
 def test_select_tiny_max_density_makes_every_head_dense():
     layout = _video_layout(pre=21, frames=8, per_frame=16, post=19)
     q, k, v = _random_qkv(layout.seq_len, seed=5)

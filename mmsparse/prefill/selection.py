@@ -50,6 +50,7 @@ class Candidate:
     error: torch.Tensor  # [H] relative output error on the sampled rows
     cost: torch.Tensor  # [H]
     columns: torch.Tensor | None = None  # [H, C] for vertical-slash
+    heads: torch.Tensor | None = None  # the query heads of the per-head rows (a fixed plan builds only those)
 
 
 @dataclass
@@ -188,7 +189,7 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
         return wanted is None or label in wanted
 
     def add(kind: str, budget: str, label: str, mask: torch.Tensor, columns=None, extra=None, extra_cost=None,
-            row_stats=None, cost_rows=None, vis=None):
+            row_stats=None, cost_rows=None, vis=None, heads=None):
         row_stats = row_stats or stats
         if row_stats is not None:
             rec, err = row_stats.evaluate(mask, *(extra or (None, None)))
@@ -198,8 +199,10 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
                      visible[video_blocks].sum())
         if extra_cost is not None:
             cost = cost + extra_cost
+        if heads is not None:  # rows for some heads only (fixed plan: nothing is scored)
+            cost = torch.full((hq,), float("inf"), device=dev).index_copy(0, heads, cost.expand(len(heads)))
         candidates.append(Candidate(kind, budget, f"{kind}:{label}", mask, rec.expand(hq), err.expand(hq),
-                                    cost.expand(hq), columns))
+                                    cost.expand(hq), columns, heads))
 
     if "a_shape" in cfg.kinds:
         for local in A_SHAPE_LOCAL:
@@ -214,7 +217,10 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
     if "vertical_slash" in cfg.kinds:
         budgets = [(c, d) for c, d in VERTICAL_SLASH if want(f"vertical_slash:{c}/{d}")]
         if budgets:
-            _vertical_slash_candidates(q, k, v[0], visual, order, n, cfg, add, visible, video_blocks, budgets, stats)
+            heads = None if wanted is None else torch.tensor(
+                [h for h, lab in enumerate(cfg.forced) if lab.startswith("vertical_slash:")], device=dev)
+            _vertical_slash_candidates(q, k, v[0], visual, order, n, cfg, add, visible, video_blocks, budgets, stats,
+                                       heads)
     spans = [(s.start, s.num_frames, s.tokens_per_frame) for s in layout.video_spans if s.tokens_per_frame and s.num_frames > 1]
     grid_ctx = None
     mults = [m for m in GRID_BANDS if want(f"grid:{m}F")]
@@ -233,12 +239,17 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
     return _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg)
 
 
-def _vertical_slash_candidates(q, k, v, visual, order, n, cfg, add, visible, video_blocks, budgets, stats):
+def _vertical_slash_candidates(q, k, v, visual, order, n, cfg, add, visible, video_blocks, budgets, stats,
+                               heads=None):
     """MInference's estimate on the last ``last_q`` video rows (consecutive, so diagonal sums are
     one strided view): columns by summed attention, diagonals by attention summed along each
     diagonal, the nearest diagonals first. When scoring, recall counts column mass outside the
-    chosen blocks once."""
+    chosen blocks once. With ``heads`` (a fixed plan) only those query heads are estimated: at
+    512K tokens the estimate of all 28 heads holds several GB of float32 scores."""
     hq = q.shape[1]
+    if heads is not None:
+        kv_of = heads // (hq // k.shape[1])
+        q, k = q[:, heads], k[:, kv_of]  # one KV head per query head: plain multi-head from here
     bs = cfg.block
     dev = q.device
     video_rows = torch.nonzero(visual).flatten()
@@ -267,7 +278,7 @@ def _vertical_slash_candidates(q, k, v, visual, order, n, cfg, add, visible, vid
             extra = (pc.sum(-1), torch.einsum("hsc,hcd->hsd", pc, vc))
         col_cost = cols.shape[1] / bs / visible[video_blocks].sum(-1).float().mean().clamp(min=1)
         add("vertical_slash", f"columns={cols.shape[1]},diagonals={diags.shape[1]}", f"{n_cols}/{n_diag}", mask,
-            columns=cols, extra=extra, extra_cost=col_cost)
+            columns=cols, extra=extra, extra_cost=col_cost, heads=heads)
 
 
 def _shared_rows(candidates: list[Candidate], chosen: list[int], visible: torch.Tensor, text_blocks: torch.Tensor,
@@ -293,11 +304,12 @@ def _shared_rows(candidates: list[Candidate], chosen: list[int], visible: torch.
             m = torch.zeros_like(visible)[None]
             grid_rows.append(sum(len(x) for x in masks))
         else:
-            m = cand.mask[heads] if cand.mask.shape[0] > 1 else cand.mask[:1].expand(len(heads) if per_head else 1, -1, -1)
+            rows = heads if cand.heads is None else torch.searchsorted(cand.heads, heads)
+            m = cand.mask[rows] if cand.mask.shape[0] > 1 else cand.mask[:1].expand(len(heads) if per_head else 1, -1, -1)
         count = torch.zeros((len(m), nq), dtype=torch.int32, device=dev)
         row_cols = torch.zeros((len(m), width), dtype=torch.int32, device=dev)
         if cand is not None and cand.columns is not None:
-            c_heads = cand.columns[heads].to(torch.int32)  # [h, C], ascending
+            c_heads = cand.columns[rows].to(torch.int32)  # [h, C], ascending
             row_cols[:, : c_heads.shape[1]] = c_heads
             count = torch.searchsorted(c_heads, order.q_max[0].expand(len(heads), -1).contiguous(),
                                        right=True).to(torch.int32)
