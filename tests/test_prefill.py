@@ -369,23 +369,26 @@ def test_attention_function_is_sdpa_unless_the_call_qualifies(qwen):
     padded = torch.ones((1, 1, n, n), dtype=torch.bool, device=DEVICE).tril()
     padded[..., 3:, :3] = False  # three padding keys (their own rows left causal: no empty rows)
     batch = tuple(torch.cat([t, t]) for t in (q, k, v))
-    dense_calls = [
+    dense_calls = [  # (the case, the reason the stats give)
         ("shorter than min_length", PrefillConfig(min_length=n + 1, block_size=16), layout, second, (q, k, v), None),
-        ("below dense_layers", PrefillConfig(min_length=0, dense_layers=1, block_size=16), layout, first, (q, k, v), None),
-        ("a decode step", COVER, layout, second, (q[:, :, -1:], k, v), None),
-        ("batch of 2", COVER, layout, second, batch, None),
-        ("another prompt's layout", COVER, _video_layout(8, 4, 16, 9), second, (q, k, v), None),
-        ("padding in the mask", COVER, layout, second, (q, k, v), padded),
+        ("one of dense_layers", PrefillConfig(min_length=0, dense_layers=1, block_size=16), layout, first, (q, k, v),
+         None),
+        ("queries and keys differ", COVER, layout, second, (q[:, :, -1:], k, v), None),  # a decode step
+        ("batch larger than 1", COVER, layout, second, batch, None),
+        ("prompt length differs", COVER, _video_layout(8, 4, 16, 9), second, (q, k, v), None),
+        ("padding in the attention mask", COVER, layout, second, (q, k, v), padded),
     ]
     for why, cfg, lay, module, (qq, kk, vv), mask in dense_calls:
         with sparse_prefill(lay, cfg) as req:
             assert torch.equal(call(module, qq, kk, vv, mask), sdpa(module, qq, kk, vv, mask)), why
-        assert req.stats.layers == [] and req.stats.summary() == {"sparse_layers": 0}, why
+        summary = req.stats.summary()
+        assert req.stats.layers == [] and summary["sparse_layers"] == 0, why
+        assert len(summary["dense_calls"]) == 1 and next(iter(summary["dense_calls"])).startswith(why), summary
     second.train()
     try:
         with sparse_prefill(layout, COVER) as req:
             assert torch.equal(call(second, q, k, v), sdpa(second, q, k, v))
-        assert req.stats.layers == []
+        assert req.stats.layers == [] and req.stats.dense_calls == {"module in training mode": 1}
     finally:
         second.eval()
 
@@ -403,7 +406,7 @@ def test_model_is_stock_outside_a_request_and_for_short_prompts(qwen):
     assert torch.equal(_logits(qwen.sparse, qwen.inputs), expected)  # no request: SDPA, bit for bit
     with sparse_prefill(qwen.layout, PrefillConfig(min_length=qwen.n + 1, block_size=16)) as req:
         assert torch.equal(_logits(qwen.sparse, qwen.inputs), expected)
-    assert req.stats.summary() == {"sparse_layers": 0}
+    assert req.stats.summary() == {"sparse_layers": 0, "dense_calls": {"shorter than min_length": qwen.num_layers}}
 
 
 def test_dense_layers_stay_dense(qwen):
@@ -431,7 +434,10 @@ def test_generate_decodes_dense_after_a_sparse_prefill(qwen):
     assert expected.shape[1] == qwen.n + 3
     assert torch.equal(got, expected)
     # One record per layer: the prefill. Decode steps (one query over the cache) never reach the kernel.
-    assert req.stats.summary()["sparse_layers"] == qwen.num_layers
+    summary = req.stats.summary()
+    assert summary["sparse_layers"] == qwen.num_layers
+    assert summary["dense_calls"] == {"queries and keys differ in length (decode step, chunked prefill or static cache)":
+                                      2 * qwen.num_layers}
 
 
 def test_pipeline_reports_prefill_stats_and_matches_dense(qwen):
@@ -459,7 +465,8 @@ def test_pipeline_with_the_default_min_length_runs_short_prompts_dense(qwen):
     pipe = mmsparse.pipeline(model=qwen.sparse, processor=qwen.processor, device=DEVICE, sparse="balanced")
     out = pipe(qwen.frames, QUESTION, max_new_tokens=2, **qwen.sampling)
     assert out["stats"]["prompt_tokens"] < PrefillConfig().min_length
-    assert out["stats"]["prefill"] == {"sparse_layers": 0}
+    assert out["stats"]["prefill"]["sparse_layers"] == 0
+    assert set(out["stats"]["prefill"]["dense_calls"]) == {"shorter than min_length"}
 
 
 # ----------------------------------------------------------------------------- 4. sparse budgets are sparse
@@ -734,7 +741,9 @@ def test_concurrent_requests_do_not_share_state(qwen):
         assert seen is req, name
         assert req.config == configs[name]
     assert results["sparse"][0].stats.summary()["sparse_layers"] == qwen.num_layers - 1
-    assert results["short"][0].stats.summary() == {"sparse_layers": 0}
+    assert results["sparse"][0].stats.dense_calls == {"one of dense_layers": 1}
+    assert results["short"][0].stats.summary() == {"sparse_layers": 0,
+                                                   "dense_calls": {"shorter than min_length": qwen.num_layers}}
     expected = _logits(qwen.stock, qwen.inputs)
     assert torch.equal(results["short"][1], expected)
     torch.testing.assert_close(results["sparse"][1], expected, **EXACT)

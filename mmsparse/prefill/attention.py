@@ -26,13 +26,16 @@ ATTENTION_NAME = "mmsparse"
 
 @dataclass
 class PrefillStats:
-    """Per-layer record of one request's sparse prefill."""
+    """Per-layer record of one request's sparse prefill, and why the other attention calls made
+    under the request ran dense (so a prompt that never goes sparse says why)."""
 
     layers: list[dict] = field(default_factory=list)
+    dense_calls: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
+        dense = {"dense_calls": dict(self.dense_calls)} if self.dense_calls else {}
         if not self.layers:
-            return {"sparse_layers": 0}
+            return {"sparse_layers": 0, **dense}
         kinds: dict[str, int] = {}
         labels: dict[str, int] = {}
         for layer in self.layers:
@@ -49,6 +52,7 @@ class PrefillStats:
             "pattern_counts": kinds,
             "label_counts": labels,
             "index_share": index_s / max(index_s + attention_s, 1e-12),
+            **dense,
         }
 
 
@@ -98,18 +102,11 @@ def mmsparse_attention(
 ) -> tuple[torch.Tensor, None]:
     """Sparse prefill when a request is active and the call qualifies; SDPA otherwise."""
     request = _REQUEST.get()
-    n = query.shape[2]
     layer = getattr(module, "layer_idx", 0)
-    if (
-        request is None
-        or n < request.config.min_length
-        or n != key.shape[2]
-        or query.shape[0] != 1
-        or n != request.layout.seq_len
-        or layer < request.config.dense_layers
-        or (attention_mask is not None and not bool(attention_mask.all() if attention_mask.dtype == torch.bool else True))
-        or module.training
-    ):
+    reason = None if request is None else _dense_reason(request, module, layer, query, key, attention_mask)
+    if request is None or reason is not None:
+        if reason is not None:
+            request.stats.dense_calls[reason] = request.stats.dense_calls.get(reason, 0) + 1
         return _dense(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if request.collect is not None:  # offline search: measure every candidate, compute exactly
         from .selection import select
@@ -118,6 +115,27 @@ def mmsparse_attention(
         request.collect.setdefault(layer, []).append(select(query, key, value, request.layout, sel).table)
         return _dense(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     return sparse_prefill_attention(query, key, value, request, layer, scaling)
+
+
+def _dense_reason(request: PrefillRequest, module, layer: int, query: torch.Tensor, key: torch.Tensor,
+                  attention_mask: torch.Tensor | None) -> str | None:
+    """Why this call must run dense under an active request, or None when it can go sparse."""
+    n = query.shape[2]
+    if n < request.config.min_length:
+        return "shorter than min_length"
+    if n != key.shape[2]:  # a decode step, a chunk of a chunked prefill, or a static cache's padded keys
+        return "queries and keys differ in length (decode step, chunked prefill or static cache)"
+    if query.shape[0] != 1:
+        return "batch larger than 1"
+    if n != request.layout.seq_len:
+        return "prompt length differs from the request's token layout"
+    if layer < request.config.dense_layers:
+        return "one of dense_layers"
+    if attention_mask is not None and attention_mask.dtype == torch.bool and not bool(attention_mask.all()):
+        return "padding in the attention mask"
+    if module.training:
+        return "module in training mode"
+    return None
 
 
 def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: int, scaling: float | None):
