@@ -7,8 +7,8 @@ Times the language model's prefill of a video prompt (embeddings in, KV cache an
 logits out; the vision tower is not part of it) in one process: dense SDPA as torch dispatches
 it, then the sparse prefill stage. Random weights give flat attention, so the per-head pattern
 mix is fixed (``--mix``, or the mix the toy model chose at its longest VisionNIAH length) and
-every layer still runs the stage's own estimation and index build. The MLP runs in chunks
-(``mmsparse.prefill.chunking``) in both runs, so long prompts fit. Also times attention alone
+every layer still runs the stage's own estimation and index build. The MLPs and norms run in
+chunks (``mmsparse.prefill.chunking``) in both runs, so long prompts fit (1M tokens on an H200). Also times attention alone
 (dense vs sparse, layer 0 shapes) to give the bound: prefill speed-up <= 1 / (1 - a + a / s)
 for attention share ``a`` of dense prefill and attention speed-up ``s``.
 Writes ``eval/results/prefill.json``.
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--mix", default=DEFAULT_MIX, help="fixed per-head pattern mix, 'label=count,...'")
     parser.add_argument("--mix-from", type=Path, help="take the mix from a vniah summary JSON instead")
     parser.add_argument("--mix-config", help="which config of that summary (default: the first sparse one)")
-    parser.add_argument("--chunk", type=int, default=32768, help="MLP chunk (tokens)")
+    parser.add_argument("--chunk", type=int, default=32768, help="MLP and norm chunk (tokens)")
     parser.add_argument("--gamma", type=float, default=0.95)
     parser.add_argument("--sparse-only-above", type=int, default=None,
                         help="lengths above this run the sparse prefill only (dense would take too long)")
