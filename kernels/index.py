@@ -197,7 +197,7 @@ def compile_block_mask(
     column_count = column_count.to(torch.int32).expand(b, h, nq).contiguous()  # same strides as the counts
     if head_rows is not None:
         head_rows = head_rows.to(device=mask.device, dtype=torch.int32).contiguous()
-        if head_rows.dim() != 1 or (len(head_rows) and int(head_rows.max()) >= h) or (len(head_rows) and int(head_rows.min()) < 0):
+        if head_rows.dim() != 1 or bool(((head_rows < 0) | (head_rows >= h)).any()):
             raise ValueError(f"head_rows must be a 1-D list of mask rows in [0, {h}); got {head_rows.tolist()}")
     return SparseIndex(order.block_m, order.block_n, blocks, count, n_full,
                        mask, columns.to(torch.int32).contiguous(), column_count, head_rows)

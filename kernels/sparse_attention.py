@@ -195,7 +195,7 @@ def sparse_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     use_tma: bool | None = None,
-    heads_fastest: bool | None = None,
+    heads_fastest: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparse causal attention. q [B, Hq, Mq, D], k/v [B, Hkv, Mk, D] (any strides with a
     contiguous last axis). On a CPU without the Triton interpreter it runs the same semantics
@@ -235,8 +235,6 @@ def sparse_attention(
 
         kd = TensorDescriptor.from_tensor(k, [1, 1, index.block_n, d])
         vd = TensorDescriptor.from_tensor(v, [1, 1, index.block_n, d])
-    if heads_fastest is None:
-        heads_fastest = False
     grid = (bsz * hq, nq) if heads_fastest else (nq, bsz * hq)
     _sparse_attention_fwd[grid](
         q, k, v, kd, vd, out, lse, order.q_pos, order.k_pos, bi, nc, index.full_count, bm, cc, index.column_count,
