@@ -550,6 +550,29 @@ def test_fixed_plan_estimates_vertical_slash_for_its_heads_only():
     assert got.column_count[0, 1].sum() > 0
 
 
+def test_vertical_slash_columns_include_what_the_question_reads(monkeypatch):
+    """The question rows' attention picks columns: a video key that only the question attends to
+    becomes a vertical line (MInference's estimate from the trailing queries)."""
+    monkeypatch.setattr(selection, "VERTICAL_SLASH", ((8, 16),))
+    layout = _video_layout(pre=21, frames=8, per_frame=16, post=19)
+    n, needle = layout.seq_len, 60
+    cfg = SelectionConfig(block=16, sink=4, forced=("vertical_slash:8/16",) * 4)
+    picked = {}
+    for reads_needle in (False, True):
+        q, k, v = _random_qkv(n, seed=4)
+        q, k = q * 0.1, k * 0.1
+        if reads_needle:
+            k[0, :, needle] = 0.0
+            k[0, :, needle, 0] = 1.0
+            q[0, :, layout.question_start:, 0] = 40.0  # every question row of every head reads the needle
+        plan = select(q, k, v, layout, cfg)
+        index = plan.natural.per_head()
+        picked[reads_needle] = [set(index.columns[0, h, : int(index.column_count[0, h].max())].tolist())
+                                for h in range(4)]
+    assert all(needle in cols for cols in picked[True]), picked[True]
+    assert not any(needle in cols for cols in picked[False]), picked[False]
+
+
 def test_select_tiny_max_density_makes_every_head_dense():
     layout = _video_layout(pre=21, frames=8, per_frame=16, post=19)
     q, k, v = _random_qkv(layout.seq_len, seed=5)

@@ -219,8 +219,9 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
         if budgets:
             heads = None if wanted is None else torch.tensor(
                 [h for h, lab in enumerate(cfg.forced) if lab.startswith("vertical_slash:")], device=dev)
-            _vertical_slash_candidates(q, k, v[0], visual, order, n, cfg, add, visible, video_blocks, budgets, stats,
-                                       heads)
+            question = torch.arange(layout.question_start, n, device=dev)[-64:]
+            _vertical_slash_candidates(q, k, v[0], visual, question, order, n, cfg, add, visible, video_blocks,
+                                       budgets, stats, heads)
     spans = [(s.start, s.num_frames, s.tokens_per_frame) for s in layout.video_spans if s.tokens_per_frame and s.num_frames > 1]
     grid_ctx = None
     mults = [m for m in GRID_BANDS if want(f"grid:{m}F")]
@@ -239,12 +240,13 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
     return _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg)
 
 
-def _vertical_slash_candidates(q, k, v, visual, order, n, cfg, add, visible, video_blocks, budgets, stats,
-                               heads=None):
-    """MInference's estimate on the last ``last_q`` video rows (consecutive, so diagonal sums are
-    one strided view): columns by summed attention, diagonals by attention summed along each
-    diagonal, the nearest diagonals first. When scoring, recall counts column mass outside the
-    chosen blocks once. With ``heads`` (a fixed plan) only those query heads are estimated: at
+def _vertical_slash_candidates(q, k, v, visual, question, order, n, cfg, add, visible, video_blocks, budgets,
+                               stats, heads=None):
+    """MInference's estimate: columns by the attention summed over the trailing question rows
+    (``question``, the keys the answer reads) and the last 64 video rows; diagonals by the last
+    video rows' attention summed along each diagonal (consecutive rows, so one strided view),
+    the nearest diagonals first. When scoring, recall counts column mass outside the chosen
+    blocks once. With ``heads`` (a fixed plan) only those query heads are estimated: at
     512K tokens the estimate of all 28 heads holds several GB of float32 scores."""
     hq = q.shape[1]
     if heads is not None:
@@ -257,6 +259,8 @@ def _vertical_slash_candidates(q, k, v, visual, order, n, cfg, add, visible, vid
     last = last[last >= last[-1] - len(last) + 1]  # the consecutive tail of the last video span
     p_last = _sampled_attention(q, k, last)
     v_score = p_last.sum(1)
+    if len(question):
+        v_score += _sampled_attention(q, k, question).sum(1)
     v_score[:, : min(cfg.sink, n)] = float("inf")
     s_score = diagonal_sums(p_last[None], last[None].to(torch.int32))[0]
     for n_cols, n_diag in budgets:
