@@ -300,13 +300,14 @@ def _shared_rows(candidates: list[Candidate], chosen: list[int], visible: torch.
                 default=0)
     for c in sorted(set(chosen)):  # a few distinct candidates, each handled for all its heads at once
         heads = torch.nonzero(chosen_t == c).flatten()
+        first = sum(len(x) for x in masks)  # this candidate's first row
         cand = candidates[c] if c >= 0 else None
         per_head = cand is not None and (cand.mask.shape[0] > 1 or cand.columns is not None)
         if cand is None:
             m = visible[None]
         elif cand.kind == "grid":
             m = torch.zeros_like(visible)[None]
-            grid_rows.append(sum(len(x) for x in masks))
+            grid_rows.append(first)
         else:
             rows = heads if cand.heads is None else torch.searchsorted(cand.heads, heads)
             m = cand.mask[rows] if cand.mask.shape[0] > 1 else cand.mask[:1].expand(len(heads) if per_head else 1, -1, -1)
@@ -317,7 +318,6 @@ def _shared_rows(candidates: list[Candidate], chosen: list[int], visible: torch.
             row_cols[:, : c_heads.shape[1]] = c_heads
             count = torch.searchsorted(c_heads, order.q_max[0].expand(len(heads), -1).contiguous(),
                                        right=True).to(torch.int32)
-        first = sum(len(x) for x in masks)
         head_rows[heads] = (first + torch.arange(len(heads), device=dev, dtype=torch.int32)) if per_head else first
         masks.append(m)
         cols.append(row_cols)
@@ -334,7 +334,6 @@ def _shared_rows(candidates: list[Candidate], chosen: list[int], visible: torch.
 
 def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> LayerPlan:
     dev = visible.device
-    nq, nk = visible.shape
     if candidates:
         recall = torch.stack([c.recall for c in candidates])  # [C, H]
         error = torch.stack([c.error for c in candidates])
