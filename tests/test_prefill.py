@@ -222,6 +222,9 @@ def _plan_token_mask(plan, hq: int) -> torch.Tensor:
     """[1, Hq, N, N] tokens each head computes, in the natural order, from the plan's indices:
     the natural index for ordinary heads, the permuted grid index mapped back for grid heads."""
     mask = index_token_mask(plan.natural, plan.order).expand(1, hq, -1, -1).clone()
+    if plan.dense_heads is not None:  # they run through SDPA: every causal pair
+        n = mask.shape[-1]
+        mask[:, plan.dense_heads] = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
     if plan.grid is not None:
         grid = index_token_mask(plan.grid, plan.grid_order)  # permuted rows and columns
         inv = plan.inverse
@@ -520,7 +523,7 @@ def test_select_text_rows_are_dense_and_plans_are_complete():
     text = _text_block_rows(layout, 16)
     assert text.sum() == 4 and not text.all()  # blocks 0, 1 (rows 16-20 are text), 9 and 10
     for h, kind in enumerate(plan.kinds):
-        if kind != "grid":
+        if kind not in ("grid", "dense"):
             assert torch.equal(plan.natural.per_head().block_mask[0, h][text], visible[text]), h
             assert torch.equal(plan.natural.per_head().block_count[0, h][text], visible[text].sum(-1).int()), h
     # Token level, grid heads included: every text row sees every earlier token.
@@ -578,8 +581,8 @@ def test_select_tiny_max_density_makes_every_head_dense():
     q, k, v = _random_qkv(layout.seq_len, seed=5)
     plan = select(q, k, v, layout, SelectionConfig(block=16, gamma=0.5, max_density=0.01))
     assert plan.kinds == ["dense"] * 4 and plan.grid is None
-    visible = plan.order.block_visibility()[0][0]
-    assert torch.equal(plan.natural.per_head().block_mask[0], visible.expand(4, -1, -1))
+    assert plan.dense_heads.tolist() == [0, 1, 2, 3]
+    assert not plan.natural.per_head().block_mask.any()  # dense heads run through SDPA, not the index
     assert plan.natural.columns.shape[-1] == 0
     assert plan.density >= 1.0 - 1e-6  # every causal pair (whole blocks may count a little more)
 
@@ -640,6 +643,34 @@ def test_layer_with_grid_heads_matches_the_reference_of_its_plan(monkeypatch):
     tokens = _plan_token_mask(plan, 4)
     ref, _ = masked_attention(q, k, v, tokens)
     torch.testing.assert_close(out, ref, **KERNEL)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        ("dense", "grid:2F", "a_shape:128", "dense"),  # dense heads of both KV heads beside sparse ones
+        ("dense",) * 4,  # a layer with nothing sparse: one GQA SDPA call
+    ],
+)
+def test_dense_heads_run_through_sdpa_and_match_the_reference(monkeypatch, labels):
+    """Heads a plan leaves dense have empty natural rows and are filled by dense causal SDPA;
+    the layer equals masked attention on the plan's token mask, dense heads exactly causal."""
+    layout = _video_layout(pre=20, frames=16, per_frame=16, post=14)
+    q, k, v = _grid_qkv(layout, seed=8)
+    plans = _capture_plans(monkeypatch)
+    cfg = PrefillConfig(min_length=0, block_size=16, gamma=0.9, max_density=1.0)
+    out, _ = sparse_prefill_attention(q, k, v, PrefillRequest(layout, cfg, plans={0: labels}), layer=0, scaling=None)
+    (plan,) = plans
+    dense = [h for h, lab in enumerate(labels) if lab == "dense"]
+    assert plan.dense_heads.tolist() == dense
+    assert not plan.natural.per_head().block_mask[0, dense].any()
+    ref, _ = masked_attention(q, k, v, _plan_token_mask(plan, 4))
+    torch.testing.assert_close(out, ref, **KERNEL)
+    causal = torch.ones(layout.seq_len, layout.seq_len, dtype=torch.bool, device=q.device).tril()
+    full, _ = masked_attention(q, k, v, causal[None, None])
+    torch.testing.assert_close(out[:, :, dense], full[:, :, dense], **KERNEL)
+    if len(dense) == 4:  # every causal pair, counted once
+        assert plan.density == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(

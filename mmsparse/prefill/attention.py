@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from ..config import PrefillConfig
 from ..layout import TokenLayout
@@ -152,10 +153,20 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
     if sync:
         torch.cuda.synchronize(query.device)
     indexed = time.perf_counter()
-    out = sparse_attention(query, key, value, plan.natural, plan.order, scale=scaling)
+    hq, group = query.shape[1], query.shape[1] // key.shape[1]
+    dense = plan.dense_heads
+    if dense is not None and len(dense) == hq:  # nothing sparse in this layer
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                             enable_gqa=group > 1).transpose(1, 2)
+    else:
+        out = sparse_attention(query, key, value, plan.natural, plan.order, scale=scaling)
+        if dense is not None:  # their natural rows are empty: fill them from SDPA, one KV head per query head
+            kv_of = dense // group
+            od = F.scaled_dot_product_attention(query.index_select(1, dense), key.index_select(1, kv_of),
+                                                value.index_select(1, kv_of), is_causal=True, scale=scaling)
+            out[:, :, dense] = od.transpose(1, 2)
     if plan.grid is not None:
         heads = plan.grid_heads
-        group = query.shape[1] // key.shape[1]
         qg = query.index_select(1, heads).index_select(2, plan.perm)
         kg, vg = key.index_select(2, plan.perm), value.index_select(2, plan.perm)
         og = sparse_attention(qg, kg, vg, plan.grid, plan.grid_order, scale=scaling,

@@ -55,8 +55,10 @@ class Candidate:
 
 @dataclass
 class LayerPlan:
-    """What one layer computes: per-head kinds, the natural-order index for every non-grid head,
-    and the permuted index for the grid heads (if any)."""
+    """What one layer computes: per-head kinds, the natural-order index for the sparse heads,
+    the permuted index for the grid heads (if any), and the dense heads, which run through
+    dense causal SDPA (cuDNN on Hopper: faster on full rows than any block-sparse kernel);
+    grid and dense heads have empty rows in the natural index."""
 
     kinds: list[str]
     budgets: list[str]
@@ -70,6 +72,7 @@ class LayerPlan:
     grid_order: TokenOrder | None = None
     perm: torch.Tensor | None = None
     inverse: torch.Tensor | None = None
+    dense_heads: torch.Tensor | None = None
     labels: list[str] = field(default_factory=list)
     table: dict = field(default_factory=dict)  # every candidate's per-head recall, error and cost
 
@@ -288,12 +291,12 @@ def _vertical_slash_candidates(q, k, v, visual, question, order, n, cfg, add, vi
 def _shared_rows(candidates: list[Candidate], chosen: list[int], visible: torch.Tensor, text_blocks: torch.Tensor,
                  order: TokenOrder) -> SparseIndex:
     """The natural-order index of a layer with one row per distinct pattern: a head-free
-    candidate (A-shape), dense and "grid" (nothing here: its heads run in the permuted order)
-    take one row for all their heads; per-head candidates (vertical-slash, block) one row per
-    head. Text query blocks are dense in every non-grid row."""
+    candidate (A-shape), "dense" and "grid" (both empty here: those heads run through SDPA and
+    in the permuted order) take one row for all their heads; per-head candidates
+    (vertical-slash, block) one row per head. Text query blocks are dense in every other row."""
     dev = visible.device
     nq = visible.shape[0]
-    masks, cols, col_counts, grid_rows = [], [], [], []
+    masks, cols, col_counts, empty_rows = [], [], [], []
     head_rows = torch.empty(len(chosen), dtype=torch.int32, device=dev)
     chosen_t = torch.tensor(chosen, device=dev)
     width = max((candidates[c].columns.shape[1] for c in set(chosen) if c >= 0 and candidates[c].columns is not None),
@@ -303,11 +306,9 @@ def _shared_rows(candidates: list[Candidate], chosen: list[int], visible: torch.
         first = sum(len(x) for x in masks)  # this candidate's first row
         cand = candidates[c] if c >= 0 else None
         per_head = cand is not None and (cand.mask.shape[0] > 1 or cand.columns is not None)
-        if cand is None:
-            m = visible[None]
-        elif cand.kind == "grid":
+        if cand is None or cand.kind == "grid":
             m = torch.zeros_like(visible)[None]
-            grid_rows.append(first)
+            empty_rows.append(first)
         else:
             rows = heads if cand.heads is None else torch.searchsorted(cand.heads, heads)
             m = cand.mask[rows] if cand.mask.shape[0] > 1 else cand.mask[:1].expand(len(heads) if per_head else 1, -1, -1)
@@ -324,9 +325,9 @@ def _shared_rows(candidates: list[Candidate], chosen: list[int], visible: torch.
         col_counts.append(count)
     mask = torch.cat(masks)
     dense_text = text_blocks[:, None] & visible
-    not_grid = torch.ones(len(mask), dtype=torch.bool, device=dev)
-    not_grid[grid_rows] = False
-    mask = mask | (dense_text[None] & not_grid[:, None, None])
+    filled = torch.ones(len(mask), dtype=torch.bool, device=dev)
+    filled[empty_rows] = False
+    mask = mask | (dense_text[None] & filled[:, None, None])
     columns = torch.cat(cols)[None] if width else None
     column_count = torch.cat(col_counts)[None] if width else None
     return compile_block_mask(mask[None], order, columns, column_count, head_rows=head_rows)
@@ -358,7 +359,12 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> Lay
     plan = LayerPlan(kinds, budgets, recalls, errors, 0.0, natural, order, labels=labels)
     plan.table = {c.label: {"recall": c.recall.tolist(), "error": c.error.tolist(), "cost": c.cost.tolist()}
                   for c in candidates}
-    computed = natural.computed_pairs()
+    n = order.q_pos.shape[1]
+    causal_pairs = n * (n + 1) / 2
+    dense_heads = [h for h, c in enumerate(chosen) if c < 0]
+    if dense_heads:
+        plan.dense_heads = torch.tensor(dense_heads, device=dev)
+    computed = natural.computed_pairs() + len(dense_heads) * causal_pairs
     if grid_heads and grid_ctx is not None:
         perm, porder, inverse = grid_ctx
         pvisible, _ = porder.block_visibility()
@@ -373,7 +379,6 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> Lay
         plan.grid_heads = torch.tensor(grid_heads, device=dev)
         plan.grid_order, plan.perm, plan.inverse = porder, perm, inverse
         computed += plan.grid.computed_pairs()
-    n = order.q_pos.shape[1]
-    plan.density = computed / (hq * n * (n + 1) / 2)
+    plan.density = computed / (hq * causal_pairs)
     return plan
 
