@@ -30,8 +30,27 @@ class PrefillStats:
     """Per-layer record of one request's sparse prefill, and why the other attention calls made
     under the request ran dense (so a prompt that never goes sparse says why)."""
 
-    layers: list[dict] = field(default_factory=list)
     dense_calls: dict[str, int] = field(default_factory=dict)
+    _layers: list[dict] = field(default_factory=list)
+    _pending: list[tuple[dict, tuple]] = field(default_factory=list)  # records whose GPU timings are not read yet
+
+    def add_layer(self, record: dict, marks: tuple) -> None:
+        """Record a layer; ``marks`` (start, indexed, done) are CUDA events or perf_counter
+        seconds. Events are read when the stats are (one sync then, none in the forward)."""
+        self._layers.append(record)
+        self._pending.append((record, marks))
+
+    @property
+    def layers(self) -> list[dict]:
+        for record, (start, indexed, done) in self._pending:
+            if isinstance(done, torch.cuda.Event):
+                done.synchronize()
+                record["index_s"] = start.elapsed_time(indexed) / 1e3
+                record["attention_s"] = indexed.elapsed_time(done) / 1e3
+            else:
+                record["index_s"], record["attention_s"] = indexed - start, done - indexed
+        self._pending.clear()
+        return self._layers
 
     def summary(self) -> dict[str, Any]:
         dense = {"dense_calls": dict(self.dense_calls)} if self.dense_calls else {}
@@ -63,6 +82,7 @@ class PrefillRequest:
     config: PrefillConfig
     stats: PrefillStats = field(default_factory=PrefillStats)
     plans: dict[int, tuple[str, ...]] | None = None  # fixed candidate labels per layer (offline search)
+    plan_cache: dict[tuple, Any] = field(default_factory=dict)  # fixed plans that do not read Q and K
     collect: dict[int, list[dict]] | None = None  # search mode: candidate tables per layer; output stays dense
     sample_queries: int = 64
 
@@ -143,16 +163,19 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
     from ..kernels.sparse_attention import sparse_attention
     from .selection import select
 
-    sync = query.is_cuda
-    if sync:
-        torch.cuda.synchronize(query.device)
-    started = time.perf_counter()
+    started = _mark(query.device)
     forced = request.plans.get(layer) if request.plans else None
-    sel = _selection_config(request.config, forced=tuple(forced) if forced is not None else None)
-    plan = select(query, key, value, request.layout, sel)
-    if sync:
-        torch.cuda.synchronize(query.device)
-    indexed = time.perf_counter()
+    forced = tuple(forced) if forced is not None else None
+    # A fixed plan of patterns that do not read the input (A-shape, grid, dense) is the same
+    # plan in every layer that names it: build it once per request.
+    cache_key = None if forced is None or any(lab.split(":")[0] in INPUT_DEPENDENT for lab in forced) else \
+        (forced, tuple(query.shape), query.device)
+    plan = request.plan_cache.get(cache_key) if cache_key is not None else None
+    if plan is None:
+        plan = select(query, key, value, request.layout, _selection_config(request.config, forced=forced))
+        if cache_key is not None:
+            request.plan_cache[cache_key] = plan
+    indexed = _mark(query.device)
     hq, group = query.shape[1], query.shape[1] // key.shape[1]
     dense = plan.dense_heads
     if dense is not None and len(dense) == hq:  # nothing sparse in this layer
@@ -172,14 +195,22 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
         og = sparse_attention(qg, kg, vg, plan.grid, plan.grid_order, scale=scaling,
                               head_map=(heads // group).to(torch.int32))
         out[:, :, heads] = og.index_select(1, plan.inverse)
-    if sync:
-        torch.cuda.synchronize(query.device)
-    done = time.perf_counter()
-    request.stats.layers.append({
+    request.stats.add_layer({
         "layer": layer, "density": plan.density, "kinds": plan.kinds, "budgets": plan.budgets, "labels": plan.labels,
-        "recall": plan.recall, "error": plan.error, "index_s": indexed - started, "attention_s": done - indexed,
-    })
+        "recall": plan.recall, "error": plan.error}, (started, indexed, _mark(query.device)))
     return out, None
+
+
+INPUT_DEPENDENT = ("vertical_slash", "block")  # pattern kinds whose index is estimated from Q and K
+
+
+def _mark(device: torch.device) -> torch.cuda.Event | float:
+    """A point on the device's timeline: a recorded CUDA event (no sync), or the CPU clock."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
 
 
 def _selection_config(cfg: PrefillConfig, **overrides):

@@ -335,30 +335,31 @@ def _shared_rows(candidates: list[Candidate], chosen: list[int], visible: torch.
 
 def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> LayerPlan:
     dev = visible.device
+    chosen = [-1] * hq
+    table = {"recall": [], "error": [], "cost": []}
     if candidates:
         recall = torch.stack([c.recall for c in candidates])  # [C, H]
         error = torch.stack([c.error for c in candidates])
         cost = torch.stack([c.cost for c in candidates])
-        good = recall >= cfg.gamma
-        if cfg.max_error is not None:
-            good |= error <= cfg.max_error
-        ok = good & (cost <= cfg.max_density)
-        best = torch.where(ok, cost, float("inf")).argmin(0)  # [H]
-        chosen = [int(i) if bool(ok[i, h]) else -1 for h, i in enumerate(best.tolist())]
-    else:
-        chosen = [-1] * hq
+        if cfg.forced is None:
+            good = recall >= cfg.gamma
+            if cfg.max_error is not None:
+                good |= error <= cfg.max_error
+            ok = good & (cost <= cfg.max_density)
+            best = torch.where(ok, cost, float("inf")).argmin(0)  # [H]
+            chosen = torch.where(ok.gather(0, best[None])[0], best, -1).tolist()
+        table = {"recall": recall.tolist(), "error": error.tolist(), "cost": cost.tolist()}  # one copy each
     if cfg.forced is not None:
         chosen = _forced(candidates, cfg.forced, hq)
     kinds = [candidates[c].kind if c >= 0 else "dense" for c in chosen]
     budgets = [candidates[c].budget if c >= 0 else "" for c in chosen]
     labels = [candidates[c].label if c >= 0 else "dense" for c in chosen]
-    recalls = [float(candidates[c].recall[h]) if c >= 0 else 1.0 for h, c in enumerate(chosen)]
-    errors = [float(candidates[c].error[h]) if c >= 0 else 0.0 for h, c in enumerate(chosen)]
+    recalls = [table["recall"][c][h] if c >= 0 else 1.0 for h, c in enumerate(chosen)]
+    errors = [table["error"][c][h] if c >= 0 else 0.0 for h, c in enumerate(chosen)]
     grid_heads = [h for h, kind in enumerate(kinds) if kind == "grid"]
     natural = _shared_rows(candidates, chosen, visible, text_blocks, order)
     plan = LayerPlan(kinds, budgets, recalls, errors, 0.0, natural, order, labels=labels)
-    plan.table = {c.label: {"recall": c.recall.tolist(), "error": c.error.tolist(), "cost": c.cost.tolist()}
-                  for c in candidates}
+    plan.table = {c.label: {name: values[i] for name, values in table.items()} for i, c in enumerate(candidates)}
     n = order.q_pos.shape[1]
     causal_pairs = n * (n + 1) / 2
     dense_heads = [h for h, c in enumerate(chosen) if c < 0]
