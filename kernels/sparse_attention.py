@@ -2,8 +2,8 @@
 
 One program per (query block, batch x query head): all heads in one launch, GQA inside the
 kernel (query head ``h`` reads KV head ``h // group``, or ``head_map[h]``; no ``repeat_kv``).
-Three loops over one online softmax: the fully visible key blocks (no mask, no bounds checks),
-the partially visible ones (masked on positions), then the extra key columns (gathered rows).
+Two loops over one online softmax: the row's key blocks (fully visible first; the partially
+visible ones masked on positions), then the extra key columns (gathered rows).
 Semantics, index format and positions: ``index.py``. Reference: ``reference.py``.
 """
 
@@ -22,10 +22,8 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED: tl.constexpr):
-    qk = tl.dot(q, tl.trans(k))
-    if MASKED:
-        qk = tl.where(visible, qk, float("-inf"))
+def _softmax_pv(acc, m_i, l_i, qk, v, qk_scale):
+    """One step of the online softmax: fold scores ``qk`` of one key tile into (acc, m, l)."""
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per score
     alpha = tl.math.exp2(m_i - m_new)
@@ -33,26 +31,6 @@ def _attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED: tl.constexpr
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc)  # accumulate in place: no second fp32 tile, no extra adds
     return acc, m_new, l_i
-
-
-@triton.jit
-def _attend(acc, m_i, l_i, q, k_ptrs, v_ptrs, visible, qk_scale, MASKED: tl.constexpr, load_mask):
-    if MASKED:
-        k = tl.load(k_ptrs, mask=load_mask[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=load_mask[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    return _attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED)
-
-
-@triton.jit
-def _attend_tma(acc, m_i, l_i, q, k_desc, v_desc, b, kvh, start, visible, qk_scale, MASKED: tl.constexpr,
-                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    # The copy engine zero-fills rows past the end: no bounds masks even on partial blocks.
-    k = k_desc.load([b, kvh, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-    v = v_desc.load([b, kvh, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-    return _attend_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED)
 
 
 @triton.jit
@@ -112,25 +90,25 @@ def _sparse_attention_fwd(
     count_at = b * stride_nb + ih * stride_nh + qb
     n_blocks = tl.load(BLOCK_COUNT + count_at)
     n_full = tl.load(FULL_COUNT + count_at)
-    for j in range(0, n_full):
-        start = tl.load(row + j) * BLOCK_N
-        if USE_TMA:
-            acc, m_i, l_i = _attend_tma(acc, m_i, l_i, q, KD, VD, b, kvh, start, None, qk_scale, False, BLOCK_N, HEAD_DIM)
-        else:
-            keys = start + offs_n
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base + keys[:, None] * stride_kn,
-                                    v_base + keys[:, None] * stride_vn, None, qk_scale, False, None)
-    for j in range(n_full, n_blocks):
+    # One loop over the row's blocks, fully visible ones first; the last few (partially visible:
+    # the diagonal) take a branch that masks on positions. One loop keeps the load pipeline
+    # running into the diagonal block; two loops drained and refilled it (measured: 67% -> 75%
+    # of cuDNN's rate at 64K, 5%).
+    for j in range(0, n_blocks):
         start = tl.load(row + j) * BLOCK_N
         keys = start + offs_n
         k_ok = keys < MK
-        k_pos = tl.load(KPOS + b * MK + keys, mask=k_ok, other=2147483647)
-        visible = k_pos[None, :] <= q_pos[:, None]
-        if USE_TMA:
-            acc, m_i, l_i = _attend_tma(acc, m_i, l_i, q, KD, VD, b, kvh, start, visible, qk_scale, True, BLOCK_N, HEAD_DIM)
+        if USE_TMA:  # the copy engine zero-fills rows past the end
+            k = KD.load([b, kvh, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+            v = VD.load([b, kvh, start, 0]).reshape(BLOCK_N, HEAD_DIM)
         else:
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base + keys[:, None] * stride_kn,
-                                    v_base + keys[:, None] * stride_vn, visible, qk_scale, True, k_ok)
+            k = tl.load(k_base + keys[:, None] * stride_kn, mask=k_ok[:, None], other=0.0)
+            v = tl.load(v_base + keys[:, None] * stride_vn, mask=k_ok[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k))
+        if j >= n_full:
+            k_pos = tl.load(KPOS + b * MK + keys, mask=k_ok, other=2147483647)
+            qk = tl.where(k_pos[None, :] <= q_pos[:, None], qk, float("-inf"))
+        acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk_scale)
     if HAS_COLUMNS:
         n_cols = tl.load(COLUMN_COUNT + count_at)
         col_row = COLUMNS + b * stride_cb + ih * stride_ch
@@ -141,12 +119,15 @@ def _sparse_attention_fwd(
             in_block = tl.load(mask_row + keys // BLOCK_N, mask=at < n_cols, other=1).to(tl.int1)
             k_ok = (at < n_cols) & (keys < MK) & (in_block == 0)
             k_pos = tl.load(KPOS + b * MK + keys, mask=k_ok, other=2147483647)
-            visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base + keys[:, None] * stride_kn,
-                                    v_base + keys[:, None] * stride_vn, visible, qk_scale, True, k_ok)
+            k = tl.load(k_base + keys[:, None] * stride_kn, mask=k_ok[:, None], other=0.0)
+            v = tl.load(v_base + keys[:, None] * stride_vn, mask=k_ok[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(k))
+            qk = tl.where((k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :], qk, float("-inf"))
+            acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk_scale)
 
     seen = (l_i > 0) & (q_pos >= 0)  # padding rows may have summed keys in full blocks: drop them
-    out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
+    inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)  # one division per row, not per element
+    out = acc * inv_l[:, None]
     tl.store(O + b64 * stride_ob + h64 * stride_oh + rows64 * stride_om + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
     if WRITE_LSE:
