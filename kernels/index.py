@@ -146,6 +146,11 @@ class SparseIndex:
                            self._rows(self.full_count), self._rows(self.block_mask), self._rows(self.columns),
                            self._rows(self.column_count))
 
+    def nbytes(self) -> int:
+        """Device memory the index holds."""
+        return sum(t.numel() * t.element_size() for t in (self.blocks, self.block_count, self.full_count,
+                                                          self.block_mask, self.columns, self.column_count))
+
     def computed_pairs(self) -> float:
         """Query-key pairs the kernel computes: whole blocks plus whole column chunks, over the
         index's heads (a head-free index counts once)."""

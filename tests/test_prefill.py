@@ -673,10 +673,12 @@ def test_dense_heads_run_through_sdpa_and_match_the_reference(monkeypatch, label
         assert plan.density == pytest.approx(1.0)
 
 
-def test_fixed_plans_that_read_no_input_are_built_once_per_request(monkeypatch):
-    """Layers naming the same A-shape / grid / dense plan share one build; a plan with an
-    estimated pattern (vertical-slash) is built in every layer. Outputs still follow each
-    layer's own Q, K, V, and the stats keep one record per layer."""
+@pytest.mark.parametrize("cache_bytes", [2 << 30, 0])
+def test_fixed_plans_that_read_no_input_are_built_once_per_request(monkeypatch, cache_bytes):
+    """Layers naming the same A-shape / grid / dense plan share one build (unless the cache is
+    over its byte budget); a plan with an estimated pattern (vertical-slash) is built in every
+    layer. Outputs still follow each layer's own Q, K, V; the stats keep one record per layer."""
+    monkeypatch.setattr(prefill_attention, "PLAN_CACHE_BYTES", cache_bytes)
     layout = _video_layout(pre=20, frames=16, per_frame=16, post=14)
     static = ("dense", "grid:2F", "a_shape:128", "a_shape:128")
     estimated = ("dense", "vertical_slash:250/512", "a_shape:128", "a_shape:128")
@@ -688,7 +690,8 @@ def test_fixed_plans_that_read_no_input_are_built_once_per_request(monkeypatch):
         out, _ = sparse_prefill_attention(q, k, v, request, layer=layer, scaling=None)
         ref, _ = masked_attention(q, k, v, _plan_token_mask(plans[-1], 4))
         torch.testing.assert_close(out, ref, **KERNEL)
-    assert [p.labels for p in plans] == [list(static), list(estimated), list(estimated)]
+    static_builds = 1 if cache_bytes else 2
+    assert [p.labels for p in plans] == [list(static)] * static_builds + [list(estimated)] * 2
     assert [r["layer"] for r in request.stats.layers] == [0, 1, 2, 3]
     assert all(r["index_s"] >= 0 and r["attention_s"] > 0 for r in request.stats.layers)
 

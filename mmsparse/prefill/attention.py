@@ -173,7 +173,8 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
     plan = request.plan_cache.get(cache_key) if cache_key is not None else None
     if plan is None:
         plan = select(query, key, value, request.layout, _selection_config(request.config, forced=forced))
-        if cache_key is not None:
+        cached = sum(p.nbytes() for p in request.plan_cache.values())
+        if cache_key is not None and cached + plan.nbytes() <= PLAN_CACHE_BYTES:
             request.plan_cache[cache_key] = plan
     indexed = _mark(query.device)
     hq, group = query.shape[1], query.shape[1] // key.shape[1]
@@ -202,6 +203,9 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
 
 
 INPUT_DEPENDENT = ("vertical_slash", "block")  # pattern kinds whose index is estimated from Q and K
+# Cached plans stay on the device for the whole prefill: at 1M tokens a plan's index is about 1 GB
+# (text rows are dense, so rows are NK wide), and eight cached plans cost 12 GB of peak memory.
+PLAN_CACHE_BYTES = 2 << 30
 
 
 def _mark(device: torch.device) -> torch.cuda.Event | float:

@@ -76,6 +76,11 @@ class LayerPlan:
     labels: list[str] = field(default_factory=list)
     table: dict = field(default_factory=dict)  # every candidate's per-head recall, error and cost
 
+    def nbytes(self) -> int:
+        """Device memory the plan's indices and permutation hold."""
+        extra = [t.numel() * t.element_size() for t in (self.perm, self.inverse) if t is not None]
+        return self.natural.nbytes() + (self.grid.nbytes() if self.grid is not None else 0) + sum(extra)
+
 
 def _video_rows(layout: TokenLayout, n: int, device) -> torch.Tensor:
     ids = layout.modality_ids(device)[:n]
