@@ -39,13 +39,15 @@ from mmsparse.kernels.sparse_attention import sparse_attention  # noqa: E402
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+# On the GPU tl.dot rounds float32 inputs to TF32 (a 10-bit mantissa, as in float16).
+FP32_TOL = dict(atol=5e-3, rtol=5e-3) if DEVICE == "cuda" else dict(atol=2e-5, rtol=1e-4)
 OUT_TOL = {
-    torch.float32: dict(atol=2e-5, rtol=1e-4),
+    torch.float32: FP32_TOL,
     torch.float16: dict(atol=2e-3, rtol=2e-3),
     torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
 }
 LSE_TOL = {
-    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float32: dict(atol=2e-3, rtol=2e-3) if DEVICE == "cuda" else dict(atol=1e-5, rtol=1e-5),
     torch.float16: dict(atol=1e-3, rtol=1e-3),
     torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
 }
@@ -66,11 +68,11 @@ def lens(values):
     return torch.tensor(values, dtype=torch.int32)
 
 
-def causal_order(mq, mk, bm, bn, q_lens=None, kv_lens=None, batch=1):
+def causal_order(mq, mk, bm, bn, q_lens=None, kv_lens=None, batch=1, device=DEVICE):
     if q_lens is not None:
         batch = len(q_lens)
         q_lens, kv_lens = lens(q_lens), lens(kv_lens)
-    return TokenOrder.causal(mq, mk, bm, bn, q_lens=q_lens, kv_lens=kv_lens, batch=batch, device=DEVICE)
+    return TokenOrder.causal(mq, mk, bm, bn, q_lens=q_lens, kv_lens=kv_lens, batch=batch, device=device)
 
 
 def causal_tokens(order):
@@ -214,7 +216,7 @@ def test_dense_index_equals_sdpa(mq, mk):
     g = hq // hkv
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
                                          attn_mask=bottom_right)
-    torch.testing.assert_close(out, ref.transpose(1, 2), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out, ref.transpose(1, 2), **FP32_TOL)
 
 
 # ----------------------------------------------------------------------------- 3. empty rows
@@ -248,7 +250,7 @@ def test_rows_with_only_the_diagonal_or_nothing():
     assert torch.isfinite(res).all() and not torch.isnan(lse).any()
     assert (res[:, 32:64, 1] == 0).all() and (lse[:, 1, 32:64] == float("-inf")).all()
     # Row 32 (first of its block) sees only key 32: its output is exactly that key's value.
-    torch.testing.assert_close(res[:, 32, 0].float(), v[:, 0, 32].float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(res[:, 32, 0].float(), v[:, 0, 32].float(), atol=5e-3 if DEVICE == "cuda" else 1e-6, rtol=0)
     tokens = index_token_mask(index, order)
     assert torch.equal(tokens[:, 0, 32].sum(-1), torch.ones(b, dtype=torch.long, device=DEVICE))
 
@@ -388,7 +390,7 @@ def test_vertical_slash_full_budget_is_dense(budget):
     assert torch.equal(index_token_mask(index, order), causal_tokens(order).expand(-1, 2, -1, -1))
     out = sparse_attention(q, k, v, index, order)
     ref, _ = masked_attention(q, k, v, causal_tokens(order))
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
 
 
 def test_vertical_slash_small_budget_padded_batch():
@@ -419,7 +421,7 @@ def test_block_topk_everything_is_dense(how):
     assert torch.equal(index_token_mask(index, order), causal_tokens(order).expand(-1, 4, -1, -1))
     out = sparse_attention(q, k, v, index, order)
     ref, _ = masked_attention(q, k, v, causal_tokens(order))
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
 
 
 def test_block_topk_gamma_one_keeps_negligible_blocks():
@@ -514,7 +516,7 @@ def test_permuted_attention_dense_is_exact_causal():
     perm = grid_permutation(GRID_M, SPANS, device=DEVICE)
     out = permuted_attention(q, k, v, perm, dense_index, block_m=16, block_n=16)
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
-    torch.testing.assert_close(out, ref.transpose(1, 2), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out, ref.transpose(1, 2), **FP32_TOL)
 
 
 def test_grid_index_covers_earlier_frames_and_dense_text():
@@ -541,7 +543,7 @@ def test_grid_index_covers_earlier_frames_and_dense_text():
     q, k, v = qkv(1, 2, 1, GRID_M, GRID_M, 16, seed=14)
     out = permuted_attention(q, k, v, perm, lambda o: grid_index(o, SPANS, sink=0), block_m=16, block_n=16)
     ref, _ = masked_attention(q, k, v, tok.to(DEVICE)[None, None])
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
 
 
 # ----------------------------------------------------------------------------- 7. FlexAttention backend
@@ -550,16 +552,20 @@ def test_grid_index_covers_earlier_frames_and_dense_text():
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("pattern", ["a_shape", "block_topk", "padded-chunked-dense"])
 def test_flex_backend_matches_reference(pattern):
-    b, hq, hkv, d = 2, 4, 2, 16
+    # Compiled FlexAttention on the GPU needs blocks that its tiles divide and head_dim >= 16 in
+    # float16: there the same cases run 8x larger (blocks of 128 / 256), in float16.
+    gpu = DEVICE == "cuda"
+    s, dtype = (8, torch.float16) if gpu else (1, torch.float32)
+    b, hq, hkv, d = 2, 4, 2, 64 if gpu else 16
     if pattern == "padded-chunked-dense":
-        mq, mk = 24, 64
-        order = causal_order(mq, mk, 16, 16, q_lens=[24, 13], kv_lens=[64, 41])
+        mq, mk = 24 * s, 64 * s
+        order = causal_order(mq, mk, 16 * s, 16 * s, q_lens=[24 * s, 13 * s], kv_lens=[64 * s, 41 * s])
     else:
-        mq = mk = 64
-        order = causal_order(mq, mk, 32, 16, q_lens=[64, 41], kv_lens=[64, 41])
-    q, k, v = qkv(b, hq, hkv, mq, mk, d, seed=15)
+        mq = mk = 64 * s
+        order = causal_order(mq, mk, 32 * s, 16 * s, q_lens=[64 * s, 41 * s], kv_lens=[64 * s, 41 * s])
+    q, k, v = qkv(b, hq, hkv, mq, mk, d, dtype=dtype, seed=15)
     if pattern == "a_shape":
-        index = a_shape(order, sink=16, local=16)
+        index = a_shape(order, sink=16 * s, local=16 * s)
     elif pattern == "block_topk":
         index = block_topk(q, k, order, top_k=2)
     else:
@@ -568,7 +574,7 @@ def test_flex_backend_matches_reference(pattern):
     assert torch.equal(dense_blocks, index.block_mask.expand_as(dense_blocks))
     out = flex_sparse_attention(q, k, v, index, order)
     ref, _ = reference_sparse_attention(q, k, v, index, order)
-    torch.testing.assert_close(out, ref.to(out.dtype), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out.float(), ref, **OUT_TOL[dtype])
 
 
 def test_flex_backend_refuses_columns():
@@ -649,7 +655,7 @@ def test_cpu_chunked_backend_matches_reference(rows_per_chunk, with_columns, mon
     g = torch.Generator().manual_seed(11)
     b, hq, hkv, mq, mk, d = 2, 4, 2, 50, 77, 32
     q, k, v = (torch.randn(b, h, m, d, generator=g) for h, m in ((hq, mq), (hkv, mk), (hkv, mk)))
-    order = causal_order(mq, mk, 16, 16, q_lens=[50, 30], kv_lens=[77, 60], batch=b)
+    order = causal_order(mq, mk, 16, 16, q_lens=[50, 30], kv_lens=[77, 60], batch=b, device="cpu")
     mask = torch.rand(b, hq, order.num_q_blocks, order.num_k_blocks, generator=g) < 0.3
     cols = counts = None
     if with_columns:
