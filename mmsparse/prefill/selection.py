@@ -102,7 +102,7 @@ def _sampled_attention(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> 
     qs = q[0, :, rows].float().view(hkv, hq // hkv, len(rows), d)
     s = torch.einsum("grsd,gkd->grsk", qs, k[0].float()).reshape(hq, len(rows), -1) / math.sqrt(d)
     keys = torch.arange(k.shape[2], device=q.device)
-    s = s.masked_fill(keys[None, None, :] > rows[None, :, None], float("-inf"))
+    s.masked_fill_(keys[None, None, :] > rows[None, :, None], float("-inf"))
     return s.softmax(-1)
 
 
@@ -115,30 +115,36 @@ class RowStats:
     mass: torch.Tensor
     pv: torch.Tensor
     row_blocks: torch.Tensor  # [S] query block of each sampled row
-    p_rows: torch.Tensor  # [H, S, N] the sampled rows' attention (for single columns)
+    p_rows: torch.Tensor | None  # [H, S, N] the sampled rows' attention (for single columns), if kept
+    dense: torch.Tensor  # [H, S, D] the exact attention output of the sampled rows
+    dense_norm: torch.Tensor  # [H, S]
 
     @classmethod
-    def build(cls, p: torch.Tensor, v: torch.Tensor, row_blocks: torch.Tensor, block: int) -> "RowStats":
+    def build(cls, p: torch.Tensor, v: torch.Tensor, row_blocks: torch.Tensor, block: int,
+              keep_rows: bool = True) -> "RowStats":
         h, s, n = p.shape
         hkv, d = v.shape[0], v.shape[-1]
         nk = -(-n // block)
-        pb = torch.nn.functional.pad(p, (0, nk * block - n)).view(hkv, h // hkv, s, nk, block)
-        vb = torch.nn.functional.pad(v.float(), (0, 0, 0, nk * block - n)).view(hkv, nk, block, d)
+        pad = nk * block - n  # no copy of the [H, S, N] scores when the prompt fills whole blocks
+        pb = (torch.nn.functional.pad(p, (0, pad)) if pad else p).view(hkv, h // hkv, s, nk, block)
+        vb = torch.nn.functional.pad(v.float(), (0, 0, 0, pad)).view(hkv, nk, block, d)
         pv = torch.einsum("grsjb,gjbd->grsjd", pb, vb).reshape(h, s, nk, d)
-        return cls(pb.sum(-1).reshape(h, s, nk), pv, row_blocks, p)
+        dense = pv.sum(2)
+        return cls(pb.sum(-1).reshape(h, s, nk), pv, row_blocks, p if keep_rows else None, dense,
+                   dense.norm(dim=-1).clamp(min=1e-20))
 
     def evaluate(self, mask: torch.Tensor, extra_mass: torch.Tensor | None = None,
                  extra_pv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(recall [H], relative output error [H]) of a block mask [H|1, NQ, NK], averaged over
         the sampled rows; ``extra_*`` [H, S] / [H, S, D] add single columns kept outside the mask."""
-        rows_mask = mask[:, self.row_blocks].float()  # [H|1, S, NK]
+        rows_mask = mask[:, self.row_blocks].to(self.mass.dtype)  # [H|1, S, NK]
         kept = (rows_mask * self.mass).sum(-1)
         out = torch.einsum("hsj,hsjd->hsd", rows_mask.expand(self.mass.shape[0], -1, -1), self.pv)
         if extra_mass is not None:
             kept, out = kept + extra_mass, out + extra_pv
-        dense = self.pv.sum(2)
+        dense = self.dense
         approx = out / kept.clamp(min=1e-20)[..., None]
-        error = (approx - dense).norm(dim=-1) / dense.norm(dim=-1).clamp(min=1e-20)
+        error = (approx - dense).norm(dim=-1) / self.dense_norm
         return kept.mean(-1), error.mean(-1)
 
 
@@ -237,7 +243,8 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
         perm = grid_permutation(n, spans, device=dev)
         porder = permuted_order(perm, 1, bs, bs)
         inverse = inverse_permutation(perm)
-        pstats = None if stats is None else RowStats.build(p[:, :, perm], v[0][:, perm], inverse[rows] // bs, bs)
+        pstats = None if stats is None else RowStats.build(p[:, :, perm], v[0][:, perm], inverse[rows] // bs, bs,
+                                                            keep_rows=False)
         pvisible, _ = porder.block_visibility()
         pvideo = torch.nn.functional.pad(visual[perm], (0, nq * bs - n)).view(nq, bs).all(-1)
         frames = max(f for _, f, _ in spans)
@@ -271,8 +278,9 @@ def _vertical_slash_candidates(q, k, v, visual, question, order, n, cfg, add, vi
         v_score += _sampled_attention(q, k, question).sum(1)
     v_score[:, : min(cfg.sink, n)] = float("inf")
     s_score = diagonal_sums(p_last[None], last[None].to(torch.int32))[0]
+    top_cols = v_score.topk(min(max(c for c, _ in budgets), n), -1).indices  # best first: each budget is a prefix
     for n_cols, n_diag in budgets:
-        cols = v_score.topk(min(n_cols, n), -1).indices.sort(-1).values  # [H, C]
+        cols = top_cols[:, :n_cols].sort(-1).values  # [H, C]
         s = s_score.clone()
         s[:, : min(n_diag // 2, n)] = float("inf")  # half the diagonals: the nearest band
         diags = s.topk(min(n_diag, n), -1).indices

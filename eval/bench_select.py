@@ -1,0 +1,88 @@
+"""Cost of the automatic per-head pattern choice on one 7B-shaped layer (GPU).
+
+    python -m mmsparse.eval.bench_select            # 32K..512K video prompts
+
+``bench_prefill`` times fixed plans (the toy model's mix), which skip scoring. Without a plan
+from ``mmsparse search`` every layer of a request scores all candidates on sampled rows; this
+times that choice (``selection.select`` with a preset's settings) on random Q, K, V of
+Qwen2.5-VL-7B's attention shapes (28 / 4 heads, d=128, bf16) beside dense SDPA on the same
+tensors, and the extra peak memory it needs. Random inputs make every head flat, so the plan
+itself (all dense) is not the point here; the cost of reaching it is the same work.
+Writes ``eval/results/select.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _seconds(fn, reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[32768, 65536, 131072, 262144, 524288])
+    parser.add_argument("--preset", default="balanced")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS / "select.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_select needs a CUDA GPU")
+    import torch.nn.functional as F
+
+    from mmsparse.config import PRESETS
+    from mmsparse.eval.bench_prefill import video_prompt
+    from mmsparse.eval.dense_smoke import environment
+    from mmsparse.prefill.attention import _selection_config
+    from mmsparse.prefill.selection import select
+
+    env = environment()
+    cfg = _selection_config(PRESETS[args.preset].prefill)
+    records = []
+    for n in args.n:
+        layout, _ = video_prompt(n)
+        n = layout.seq_len
+        g = torch.Generator(device="cuda").manual_seed(n)
+        q = torch.randn(1, 28, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+        k = torch.randn(1, 4, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+        v = torch.randn(1, 4, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+        dense_s = _seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), args.reps)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
+        select_s = _seconds(lambda: select(q, k, v, layout, cfg), args.reps)
+        extra_gb = (torch.cuda.max_memory_allocated() - held) / 1e9
+        plan = select(q, k, v, layout, cfg)
+        rec = {"gpu": env["gpu"], "torch": env["torch"], "n": n, "preset": args.preset, "select_ms": select_s * 1e3,
+               "dense_attention_ms": dense_s * 1e3, "select_over_dense_attention": select_s / dense_s,
+               "extra_peak_gb": extra_gb, "candidates": len(plan.table),
+               "kinds": {kind: plan.kinds.count(kind) for kind in sorted(set(plan.kinds))}}
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+        torch.cuda.empty_cache()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(records, indent=1) + "\n")
+    print(f"\n{'n':>7} {'select ms':>9} {'dense attn ms':>13} {'ratio':>6} {'extra GB':>8}")
+    for r in records:
+        print(f"{r['n']:>7} {r['select_ms']:9.1f} {r['dense_attention_ms']:13.1f} "
+              f"{r['select_over_dense_attention']:6.2f} {r['extra_peak_gb']:8.1f}")
+    return records
+
+
+if __name__ == "__main__":
+    main()
