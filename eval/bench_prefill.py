@@ -112,14 +112,10 @@ def attention_only(n: int, layout: TokenLayout, plans: dict[int, tuple[str, ...]
     k = torch.randn(1, 4, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(1, 4, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
 
-    def timed(fn):
-        fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - start) / reps
+    from mmsparse.eval.bench_kernels import cuda_ms
+
+    def timed(fn):  # seconds, median of reps
+        return cuda_ms(fn, reps) / 1e3
 
     dense = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
     layers_of = collections.Counter(plans.values())

@@ -16,22 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _seconds(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / reps
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -46,6 +35,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import torch.nn.functional as F
 
     from mmsparse.config import PRESETS
+    from mmsparse.eval.bench_kernels import cuda_ms
     from mmsparse.eval.bench_prefill import video_prompt
     from mmsparse.eval.dense_smoke import environment
     from mmsparse.prefill.attention import _selection_config
@@ -61,15 +51,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         q = torch.randn(1, 28, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
         k = torch.randn(1, 4, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
         v = torch.randn(1, 4, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-        dense_s = _seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), args.reps)
+        dense_ms = cuda_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), args.reps)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         held = torch.cuda.memory_allocated()
-        select_s = _seconds(lambda: select(q, k, v, layout, cfg), args.reps)
+        select_ms = cuda_ms(lambda: select(q, k, v, layout, cfg), args.reps)
         extra_gb = (torch.cuda.max_memory_allocated() - held) / 1e9
         plan = select(q, k, v, layout, cfg)
-        rec = {"gpu": env["gpu"], "torch": env["torch"], "n": n, "preset": args.preset, "select_ms": select_s * 1e3,
-               "dense_attention_ms": dense_s * 1e3, "select_over_dense_attention": select_s / dense_s,
+        rec = {"gpu": env["gpu"], "torch": env["torch"], "n": n, "preset": args.preset, "select_ms": select_ms,
+               "dense_attention_ms": dense_ms, "select_over_dense_attention": select_ms / dense_ms,
                "extra_peak_gb": extra_gb, "candidates": len(plan.table),
                "kinds": {kind: plan.kinds.count(kind) for kind in sorted(set(plan.kinds))}}
         records.append(rec)
