@@ -173,8 +173,8 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
     plan = request.plan_cache.get(cache_key) if cache_key is not None else None
     if plan is None:
         plan = select(query, key, value, request.layout, _selection_config(request.config, forced=forced))
-        cached = sum(p.nbytes() for p in request.plan_cache.values())
-        if cache_key is not None and cached + plan.nbytes() <= PLAN_CACHE_BYTES:
+        if cache_key is not None and sum(p.nbytes() for p in request.plan_cache.values()) + plan.nbytes() \
+                <= PLAN_CACHE_BYTES:
             request.plan_cache[cache_key] = plan
     indexed = _mark(query.device)
     hq, group = query.shape[1], query.shape[1] // key.shape[1]
@@ -209,10 +209,11 @@ PLAN_CACHE_BYTES = 2 << 30
 
 
 def _mark(device: torch.device) -> torch.cuda.Event | float:
-    """A point on the device's timeline: a recorded CUDA event (no sync), or the CPU clock."""
+    """A point on the device's timeline: a CUDA event recorded on that device's stream (layers of
+    a model split across GPUs time on their own device; no sync), or the CPU clock."""
     if device.type == "cuda":
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(torch.cuda.current_stream(device))
         return event
     return time.perf_counter()
 
