@@ -105,14 +105,13 @@ def attention_only(n: int, layout: TokenLayout, plans: dict[int, tuple[str, ...]
     averaged over the layers' plans (each distinct plan timed once): (dense s, sparse s)."""
     import torch.nn.functional as F
 
+    from mmsparse.eval.bench_kernels import cuda_ms
     from mmsparse.prefill.attention import PrefillRequest, sparse_prefill_attention
 
     g = torch.Generator(device="cuda").manual_seed(n)
     q = torch.randn(1, 28, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(1, 4, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(1, 4, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-
-    from mmsparse.eval.bench_kernels import cuda_ms
 
     def timed(fn):  # seconds, median of reps
         return cuda_ms(fn, reps) / 1e3

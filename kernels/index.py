@@ -148,8 +148,8 @@ class SparseIndex:
 
     def nbytes(self) -> int:
         """Device memory the index holds."""
-        return sum(t.numel() * t.element_size() for t in (self.blocks, self.block_count, self.full_count,
-                                                          self.block_mask, self.columns, self.column_count))
+        return sum(t.nbytes for t in (self.blocks, self.block_count, self.full_count, self.block_mask,
+                                      self.columns, self.column_count))
 
     def computed_pairs(self) -> float:
         """Query-key pairs the kernel computes: whole blocks plus whole column chunks, over the

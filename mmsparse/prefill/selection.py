@@ -78,8 +78,8 @@ class LayerPlan:
 
     def nbytes(self) -> int:
         """Device memory the plan's indices and permutation hold."""
-        extra = [t.numel() * t.element_size() for t in (self.perm, self.inverse) if t is not None]
-        return self.natural.nbytes() + (self.grid.nbytes() if self.grid is not None else 0) + sum(extra)
+        extra = sum(t.nbytes for t in (self.perm, self.inverse) if t is not None)
+        return self.natural.nbytes() + (self.grid.nbytes() if self.grid is not None else 0) + extra
 
 
 def _video_rows(layout: TokenLayout, n: int, device) -> torch.Tensor:
