@@ -9,7 +9,8 @@ it, then the sparse prefill stage. Random weights give flat attention, so the pe
 mix is fixed (``--mix``, or the mix the toy model chose at its longest VisionNIAH length; scaled
 to all heads of the model by default, ``--mix-scope``) and
 every layer still runs the stage's own estimation and index build. The MLPs and norms run in
-chunks (``mmsparse.prefill.chunking``) in both runs, so long prompts fit (1M tokens on an H200). Also times attention alone
+chunks (``mmsparse.prefill.chunking``) in both runs, so long prompts fit (1M tokens on an H200),
+and through the fused RMSNorm / SwiGLU kernels unless ``--pointwise stock``. Also times attention alone
 (dense vs sparse at one layer's shapes, over the layers' plans) to give the bound: prefill speed-up <= 1 / (1 - a + a / s)
 for attention share ``a`` of dense prefill and attention speed-up ``s``.
 Writes ``eval/results/prefill.json``.
@@ -134,6 +135,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--mix-scope", choices=("model", "layer"), default="model",
                         help="scale the mix to all heads of the model (dealt across layers) or to each layer")
     parser.add_argument("--chunk", type=int, default=32768, help="MLP and norm chunk (tokens)")
+    parser.add_argument("--pointwise", choices=("fused", "stock"), default="fused",
+                        help="norms and SwiGLU through the fused kernels or the stock modules (both runs alike)")
     parser.add_argument("--gamma", type=float, default=0.95)
     parser.add_argument("--sparse-only-above", type=int, default=None,
                         help="lengths above this run the sparse prefill only (dense would take too long)")
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     records = []
     warm_layout, warm_pos = video_prompt(8192)  # compile every kernel variant before timing
     warm = torch.randn(1, warm_layout.seq_len, model.config.text_config.hidden_size, device="cuda", dtype=torch.bfloat16)
-    with chunked_pointwise(model, args.chunk):
+    fused_kernels = args.pointwise == "fused"
+    with chunked_pointwise(model, args.chunk, fused_kernels=fused_kernels):
         prefill_once(model, warm, warm_pos.cuda())
         enable_sparse_prefill(model)
         with sparse_prefill(warm_layout, cfg, plans=plans):
@@ -170,10 +174,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         embeds = torch.randn(1, n, model.config.text_config.hidden_size, device="cuda", dtype=torch.bfloat16) * 0.02
         pos = pos.cuda()
         rec = {"gpu": env["gpu"], "torch": env["torch"], "n": n, "config": f"fixed mix {mix_text}",
-               "mix_scope": args.mix_scope, "heads_per_label": dict(totals), "chunk": args.chunk}
+               "mix_scope": args.mix_scope, "heads_per_label": dict(totals), "chunk": args.chunk,
+               "pointwise": args.pointwise}
         with_dense = args.sparse_only_above is None or n <= args.sparse_only_above
         try:
-            with chunked_pointwise(model, args.chunk):
+            with chunked_pointwise(model, args.chunk, fused_kernels=fused_kernels):
                 if with_dense:
                     model.set_attn_implementation({"text_config": "sdpa"})
                     dense_s, rec["dense_peak_gb"] = prefill_once(model, embeds, pos)

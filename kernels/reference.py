@@ -116,3 +116,14 @@ def chunked_sparse_attention(
         seen = mask.any(-1) & (order.q_pos[:, None, start:end] >= 0)
         out[:, start:end] = torch.where(seen[..., None], o, 0.0).transpose(1, 2)
     return out
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2RMSNorm's forward: float32 statistics, the row rounded to x's dtype, then the weight."""
+    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's product as a stock MLP computes it: ``silu(gate)`` in gate's dtype, times ``up``."""
+    return torch.nn.functional.silu(gate) * up

@@ -7,6 +7,11 @@ submodules, and the text model's final ``norm``, for a wrapper that runs the sam
 ``chunk`` tokens at a time. They act on each token alone, so the result is identical. The
 originals are put back on exit. Composition, not patching: no method of any transformers class
 is replaced. Logits for the last token only come from ``logits_to_keep=1``.
+
+With ``fused=True`` the norms and MLPs of the known Qwen2/Llama classes (``FUSABLE_NORMS``,
+``FUSABLE_MLPS``) also run through ``mmsparse.kernels.pointwise``: one Triton pass per RMSNorm
+instead of ~6 kernels over float32 copies, and SwiGLU's ``silu(gate) * up`` in one pass written
+over the gate. They use the modules' own weights; other classes run as they are.
 """
 
 from __future__ import annotations
@@ -17,6 +22,10 @@ from typing import Iterator
 import torch
 
 LAYER_PARTS = ("mlp", "input_layernorm", "post_attention_layernorm")
+# Classes whose forward is exactly ``weight * round(x * rsqrt(mean(x^2) + variance_epsilon))``
+# and ``down_proj(silu(gate_proj(x)) * up_proj(x))``; a class is added only after reading its code.
+FUSABLE_NORMS = ("Qwen2RMSNorm", "Qwen2_5_VLRMSNorm", "Qwen2VLRMSNorm", "LlamaRMSNorm", "Qwen3RMSNorm")
+FUSABLE_MLPS = ("Qwen2MLP", "Qwen2_5_VLMLP", "Qwen2VLMLP", "LlamaMLP", "Qwen3MLP")
 
 
 class ChunkedAlongSequence(torch.nn.Module):
@@ -32,9 +41,60 @@ class ChunkedAlongSequence(torch.nn.Module):
         if hidden.shape[-2] <= self.chunk:
             return self.module(hidden)
         out = torch.empty_like(hidden)
+        writes_into = isinstance(self.module, (FusedRMSNorm, FusedSwiGLU))  # no copy of each chunk's result
         for start in range(0, hidden.shape[-2], self.chunk):  # a few dozen slices of a long prompt
-            out[..., start:start + self.chunk, :] = self.module(hidden[..., start:start + self.chunk, :])
+            part = hidden[..., start:start + self.chunk, :]
+            if writes_into:
+                self.module(part, out=out[..., start:start + self.chunk, :])
+            else:
+                out[..., start:start + self.chunk, :] = self.module(part)
         return out
+
+
+class FusedRMSNorm(torch.nn.Module):
+    """An RMSNorm of ``FUSABLE_NORMS`` run by one Triton pass, with the module's weight and eps."""
+
+    def __init__(self, norm: torch.nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        from mmsparse.kernels.pointwise import rms_norm
+
+        return rms_norm(hidden, self.norm.weight, self.norm.variance_epsilon, out=out)
+
+
+class FusedSwiGLU(torch.nn.Module):
+    """An MLP of ``FUSABLE_MLPS`` whose ``silu(gate) * up`` is one pass written over the gate."""
+
+    def __init__(self, mlp: torch.nn.Module) -> None:
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        from mmsparse.kernels.pointwise import silu_mul
+
+        mlp = self.mlp
+        act = silu_mul(mlp.gate_proj(hidden), mlp.up_proj(hidden), inplace=True)
+        down = mlp.down_proj
+        if out is None:
+            return down(act)
+        if type(down) is torch.nn.Linear and down.bias is None and out.is_contiguous():  # the GEMM writes the slice
+            torch.mm(act.reshape(-1, act.shape[-1]), down.weight.t(), out=out.view(-1, out.shape[-1]))
+            return out
+        return out.copy_(down(act))
+
+
+def fused(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` behind its fused runner when its class is a known one (and, for an MLP, its
+    activation is SiLU); else ``module`` itself."""
+    name = type(module).__name__
+    if name in FUSABLE_NORMS and getattr(module, "weight", None) is not None and hasattr(module, "variance_epsilon"):
+        return FusedRMSNorm(module)
+    act = getattr(module, "act_fn", None)
+    if name in FUSABLE_MLPS and type(act).__name__ in ("SiLU", "SiLUActivation"):
+        return FusedSwiGLU(module)
+    return module
 
 
 def _pointwise_parts(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
@@ -55,15 +115,16 @@ def _pointwise_parts(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]
 
 
 @contextlib.contextmanager
-def chunked_pointwise(model: torch.nn.Module, chunk: int = 32768) -> Iterator[int]:
+def chunked_pointwise(model: torch.nn.Module, chunk: int = 32768, *, fused_kernels: bool = False) -> Iterator[int]:
     """Within the context, the MLPs and norms of every decoder stack run ``chunk`` tokens at a
-    time; yields the number of submodules wrapped."""
+    time (and, with ``fused_kernels``, through the fused kernels where their class is known);
+    yields the number of submodules wrapped."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     parts = _pointwise_parts(model)
     originals = [getattr(parent, name) for parent, name in parts]
     for (parent, name), module in zip(parts, originals):
-        setattr(parent, name, ChunkedAlongSequence(module, chunk))
+        setattr(parent, name, ChunkedAlongSequence(fused(module) if fused_kernels else module, chunk))
     try:
         yield len(parts)
     finally:
