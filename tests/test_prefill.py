@@ -686,7 +686,7 @@ def test_fixed_plans_that_read_no_input_are_built_once_per_request(monkeypatch, 
     """Layers naming the same A-shape / grid / dense plan share one build (unless the cache is
     over its byte budget); a plan with an estimated pattern (vertical-slash) is built in every
     layer. Outputs still follow each layer's own Q, K, V; the stats keep one record per layer."""
-    monkeypatch.setattr(prefill_attention, "PLAN_CACHE_BYTES", cache_bytes)
+    monkeypatch.setattr(prefill_attention, "plan_cache_cap", lambda device: cache_bytes)
     layout = _video_layout(pre=20, frames=16, per_frame=16, post=14)
     static = ("dense", "grid:2F", "a_shape:128", "a_shape:128")
     estimated = ("dense", "vertical_slash:250/512", "a_shape:128", "a_shape:128")
