@@ -50,6 +50,9 @@ class PrefillConfig:
     # in any small pattern yet lose almost nothing in their output.
     max_error: float | None = None
     plan: str | None = None  # per-head labels from `mmsparse search` (JSON path); None: choose from each input
+    # The text model's MLPs and norms run this many tokens at a time (a 512K prompt's MLP
+    # intermediate is 20 GB per tensor), through fused kernels on CUDA; None leaves them as they are.
+    pointwise_chunk: int | None = 32768
 
     def __post_init__(self) -> None:
         _check_fraction(self, "gamma")
@@ -61,6 +64,8 @@ class PrefillConfig:
         for name in ("min_length", "dense_layers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"PrefillConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.pointwise_chunk is not None and self.pointwise_chunk < 1:
+            raise ConfigError(f"PrefillConfig.pointwise_chunk must be >= 1 or None, got {self.pointwise_chunk}")
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,11 @@ class VideoQAPipeline(Pipeline):
             from ..prefill.attention import enable_sparse_prefill
 
             enable_sparse_prefill(model)  # the text model's attention; SDPA outside sparse requests
+            chunk = self.sparse_config.prefill.pointwise_chunk
+            if chunk is not None:  # exact per-token work, so it stays for every request
+                from ..prefill.chunking import wrap_pointwise
+
+                wrap_pointwise(model, chunk, fused_kernels=True)
         given = _take(kwargs, SAMPLING_KEYS)
         self.sampling = SamplingOptions(**{**self.adapter.sampling_defaults(), **given})
         self.video_kwargs = _take(kwargs, VIDEO_KEYS)

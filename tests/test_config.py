@@ -37,6 +37,7 @@ def test_presets_name_their_stages():
         lambda: PrefillConfig(gamma=0.0),
         lambda: PrefillConfig(gamma=1.5),
         lambda: PrefillConfig(min_length=-1),
+        lambda: PrefillConfig(pointwise_chunk=0),
         lambda: EncodeConfig(merge_threshold=2.0),
         lambda: DecodeConfig(merge="median"),
         lambda: resolve_sparse("turbo"),

@@ -456,6 +456,11 @@ def test_pipeline_reports_prefill_stats_and_matches_dense(qwen):
     dense_pipe = mmsparse.pipeline(model=qwen.stock, processor=qwen.processor, device=DEVICE)
     sparse_pipe = mmsparse.pipeline(model=qwen.sparse, processor=qwen.processor, device=DEVICE,
                                     sparse=SparseConfig(prefill=COVER))
+    # The sparse pipeline runs the text model's MLPs and norms chunked (fused kernels on CUDA).
+    text = qwen.sparse.model.language_model
+    assert all(isinstance(layer.mlp, ChunkedAlongSequence) and layer.mlp.chunk == COVER.pointwise_chunk
+               for layer in text.layers) and isinstance(text.norm, ChunkedAlongSequence)
+    assert not isinstance(qwen.stock.model.language_model.norm, ChunkedAlongSequence)
     dense = dense_pipe(qwen.frames, QUESTION, **call)
     out = _shallow(sparse_pipe, qwen.frames, QUESTION, **call)
     assert "prefill" not in dense["stats"] and dense["stats"]["sparse_stages"] == []

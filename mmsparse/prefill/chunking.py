@@ -52,26 +52,34 @@ class ChunkedAlongSequence(torch.nn.Module):
 
 
 class FusedRMSNorm(torch.nn.Module):
-    """An RMSNorm of ``FUSABLE_NORMS`` run by one Triton pass, with the module's weight and eps."""
+    """An RMSNorm of ``FUSABLE_NORMS`` run by one Triton pass, with the module's weight and eps.
+    Off CUDA it runs the module itself unless ``cpu_kernels`` (the Triton interpreter, for tests)."""
 
-    def __init__(self, norm: torch.nn.Module) -> None:
+    def __init__(self, norm: torch.nn.Module, cpu_kernels: bool = False) -> None:
         super().__init__()
         self.norm = norm
+        self.cpu_kernels = cpu_kernels
 
     def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if not (hidden.is_cuda or self.cpu_kernels):
+            return self.norm(hidden) if out is None else out.copy_(self.norm(hidden))
         from mmsparse.kernels.pointwise import rms_norm
 
         return rms_norm(hidden, self.norm.weight, self.norm.variance_epsilon, out=out)
 
 
 class FusedSwiGLU(torch.nn.Module):
-    """An MLP of ``FUSABLE_MLPS`` whose ``silu(gate) * up`` is one pass written over the gate."""
+    """An MLP of ``FUSABLE_MLPS`` whose ``silu(gate) * up`` is one pass written over the gate.
+    Off CUDA it runs the module itself unless ``cpu_kernels``."""
 
-    def __init__(self, mlp: torch.nn.Module) -> None:
+    def __init__(self, mlp: torch.nn.Module, cpu_kernels: bool = False) -> None:
         super().__init__()
         self.mlp = mlp
+        self.cpu_kernels = cpu_kernels
 
     def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if not (hidden.is_cuda or self.cpu_kernels):
+            return self.mlp(hidden) if out is None else out.copy_(self.mlp(hidden))
         from mmsparse.kernels.pointwise import silu_mul
 
         mlp = self.mlp
@@ -85,15 +93,15 @@ class FusedSwiGLU(torch.nn.Module):
         return out.copy_(down(act))
 
 
-def fused(module: torch.nn.Module) -> torch.nn.Module:
+def fused(module: torch.nn.Module, cpu_kernels: bool = False) -> torch.nn.Module:
     """``module`` behind its fused runner when its class is a known one (and, for an MLP, its
     activation is SiLU); else ``module`` itself."""
     name = type(module).__name__
     if name in FUSABLE_NORMS and getattr(module, "weight", None) is not None and hasattr(module, "variance_epsilon"):
-        return FusedRMSNorm(module)
+        return FusedRMSNorm(module, cpu_kernels)
     act = getattr(module, "act_fn", None)
     if name in FUSABLE_MLPS and type(act).__name__ in ("SiLU", "SiLUActivation"):
-        return FusedSwiGLU(module)
+        return FusedSwiGLU(module, cpu_kernels)
     return module
 
 
@@ -114,19 +122,31 @@ def _pointwise_parts(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]
     return parts
 
 
+def wrap_pointwise(model: torch.nn.Module, chunk: int = 32768, *, fused_kernels: bool = False
+                   ) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """Put every decoder stack's MLPs and norms behind ``ChunkedAlongSequence`` (and, with
+    ``fused_kernels``, the fused runners where the class is known); parts already wrapped are left
+    as they are. Returns (parent, attribute, original) of each part wrapped now."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    wrapped = []
+    for parent, name in _pointwise_parts(model):
+        module = getattr(parent, name)
+        if isinstance(module, ChunkedAlongSequence):
+            continue
+        setattr(parent, name, ChunkedAlongSequence(fused(module) if fused_kernels else module, chunk))
+        wrapped.append((parent, name, module))
+    return wrapped
+
+
 @contextlib.contextmanager
 def chunked_pointwise(model: torch.nn.Module, chunk: int = 32768, *, fused_kernels: bool = False) -> Iterator[int]:
     """Within the context, the MLPs and norms of every decoder stack run ``chunk`` tokens at a
     time (and, with ``fused_kernels``, through the fused kernels where their class is known);
     yields the number of submodules wrapped."""
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    parts = _pointwise_parts(model)
-    originals = [getattr(parent, name) for parent, name in parts]
-    for (parent, name), module in zip(parts, originals):
-        setattr(parent, name, ChunkedAlongSequence(fused(module) if fused_kernels else module, chunk))
+    wrapped = wrap_pointwise(model, chunk, fused_kernels=fused_kernels)
     try:
-        yield len(parts)
+        yield len(wrapped)
     finally:
-        for (parent, name), module in zip(parts, originals):
+        for parent, name, module in wrapped:
             setattr(parent, name, module)
