@@ -41,7 +41,7 @@ class ChunkedAlongSequence(torch.nn.Module):
         if hidden.shape[-2] <= self.chunk:
             return self.module(hidden)
         out = torch.empty_like(hidden)
-        writes_into = isinstance(self.module, (FusedRMSNorm, FusedSwiGLU))  # no copy of each chunk's result
+        writes_into = isinstance(self.module, _FusedRunner)  # no copy of each chunk's result
         for start in range(0, hidden.shape[-2], self.chunk):  # a few dozen slices of a long prompt
             part = hidden[..., start:start + self.chunk, :]
             if writes_into:
@@ -51,38 +51,41 @@ class ChunkedAlongSequence(torch.nn.Module):
         return out
 
 
-class FusedRMSNorm(torch.nn.Module):
-    """An RMSNorm of ``FUSABLE_NORMS`` run by one Triton pass, with the module's weight and eps.
-    Off CUDA it runs the module itself unless ``cpu_kernels`` (the Triton interpreter, for tests)."""
+class _FusedRunner(torch.nn.Module):
+    """Runs ``inner`` through a fused kernel on CUDA (and on the CPU with ``cpu_kernels``: the
+    Triton interpreter, for tests); elsewhere the module itself. ``out``, when given, receives
+    the result (a chunk's slice of the whole output)."""
 
-    def __init__(self, norm: torch.nn.Module, cpu_kernels: bool = False) -> None:
+    def __init__(self, inner: torch.nn.Module, cpu_kernels: bool = False) -> None:
         super().__init__()
-        self.norm = norm
+        self.inner = inner
         self.cpu_kernels = cpu_kernels
 
     def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if not (hidden.is_cuda or self.cpu_kernels):
-            return self.norm(hidden) if out is None else out.copy_(self.norm(hidden))
+        if hidden.is_cuda or self.cpu_kernels:
+            return self.fused_forward(hidden, out)
+        return self.inner(hidden) if out is None else out.copy_(self.inner(hidden))
+
+    def fused_forward(self, hidden: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FusedRMSNorm(_FusedRunner):
+    """An RMSNorm of ``FUSABLE_NORMS`` in one Triton pass, with the module's weight and eps."""
+
+    def fused_forward(self, hidden: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         from mmsparse.kernels.pointwise import rms_norm
 
-        return rms_norm(hidden, self.norm.weight, self.norm.variance_epsilon, out=out)
+        return rms_norm(hidden, self.inner.weight, self.inner.variance_epsilon, out=out)
 
 
-class FusedSwiGLU(torch.nn.Module):
-    """An MLP of ``FUSABLE_MLPS`` whose ``silu(gate) * up`` is one pass written over the gate.
-    Off CUDA it runs the module itself unless ``cpu_kernels``."""
+class FusedSwiGLU(_FusedRunner):
+    """An MLP of ``FUSABLE_MLPS`` whose ``silu(gate) * up`` is one pass written over the gate."""
 
-    def __init__(self, mlp: torch.nn.Module, cpu_kernels: bool = False) -> None:
-        super().__init__()
-        self.mlp = mlp
-        self.cpu_kernels = cpu_kernels
-
-    def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if not (hidden.is_cuda or self.cpu_kernels):
-            return self.mlp(hidden) if out is None else out.copy_(self.mlp(hidden))
+    def fused_forward(self, hidden: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         from mmsparse.kernels.pointwise import silu_mul
 
-        mlp = self.mlp
+        mlp = self.inner
         act = silu_mul(mlp.gate_proj(hidden), mlp.up_proj(hidden), inplace=True)
         down = mlp.down_proj
         if out is None:
