@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import on_device
 from .reference import rms_norm_reference, silu_mul_reference
 
 
@@ -60,8 +61,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Te
     target = torch.empty(rows.shape, dtype=dtype, device=x.device) if out is None or not out.is_contiguous() \
         else out.view(-1, cols)
     block = triton.next_power_of_2(cols)
-    _rms_norm_fwd[(rows.shape[0],)](rows, weight, target, rows.stride(0), target.stride(0), cols, eps,
-                                    BLOCK=block, num_warps=8 if block >= 2048 and x.is_cuda else 4)
+    with on_device(x):
+        _rms_norm_fwd[(rows.shape[0],)](rows, weight, target, rows.stride(0), target.stride(0), cols, eps,
+                                        BLOCK=block, num_warps=8 if block >= 2048 and x.is_cuda else 4)
     if out is None:
         return target.view(x.shape)
     return out if target.data_ptr() == out.data_ptr() else out.copy_(target.view(x.shape))
@@ -90,5 +92,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, inplace: bool = False) -> 
     g, u = gate.contiguous(), up.contiguous()
     out = g if inplace and g.data_ptr() == gate.data_ptr() else torch.empty_like(g)
     block = 4096
-    _silu_mul_fwd[(triton.cdiv(g.numel(), block),)](g, u, out, g.numel(), BLOCK=block, num_warps=8 if g.is_cuda else 4)
+    with on_device(g):
+        _silu_mul_fwd[(triton.cdiv(g.numel(), block),)](g, u, out, g.numel(), BLOCK=block,
+                                                        num_warps=8 if g.is_cuda else 4)
     return gate.copy_(out) if inplace and out is not gate else out

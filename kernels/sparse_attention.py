@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .index import SparseIndex, TokenOrder
+from .launch import on_device
 
 LOG2E = 1.4426950408889634
 
@@ -217,21 +218,22 @@ def sparse_attention(
         kd = TensorDescriptor.from_tensor(k, [1, 1, index.block_n, d])
         vd = TensorDescriptor.from_tensor(v, [1, 1, index.block_n, d])
     grid = (bsz * hq, nq) if heads_fastest else (nq, bsz * hq)
-    _sparse_attention_fwd[grid](
-        q, k, v, kd, vd, out, lse, order.q_pos, order.k_pos, bi, nc, index.full_count, bm, cc, index.column_count,
-        head_map if head_map is not None else nc, index.head_rows if index.head_rows is not None else nc,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(2), out.stride(1),
-        bi.stride(0), hstride(bi), bi.stride(2),
-        bm.stride(0), hstride(bm), bm.stride(2),
-        cc.stride(0), hstride(cc),
-        nc.stride(0), hstride(nc),
-        hq, max(1, hq // hkv), mq, mk, nq, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_M=index.block_m, BLOCK_N=index.block_n,
-        HAS_COLUMNS=has_cols, HAS_HEAD_MAP=head_map is not None, HAS_HEAD_ROWS=index.head_rows is not None,
-        WRITE_LSE=return_lse,
-        USE_TMA=use_tma, HEADS_FASTEST=heads_fastest, num_warps=num_warps, num_stages=num_stages,
-    )
+    with on_device(q):
+        _sparse_attention_fwd[grid](
+            q, k, v, kd, vd, out, lse, order.q_pos, order.k_pos, bi, nc, index.full_count, bm, cc, index.column_count,
+            head_map if head_map is not None else nc, index.head_rows if index.head_rows is not None else nc,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(2), out.stride(1),
+            bi.stride(0), hstride(bi), bi.stride(2),
+            bm.stride(0), hstride(bm), bm.stride(2),
+            cc.stride(0), hstride(cc),
+            nc.stride(0), hstride(nc),
+            hq, max(1, hq // hkv), mq, mk, nq, scale * LOG2E,
+            HEAD_DIM=d, BLOCK_M=index.block_m, BLOCK_N=index.block_n,
+            HAS_COLUMNS=has_cols, HAS_HEAD_MAP=head_map is not None, HAS_HEAD_ROWS=index.head_rows is not None,
+            WRITE_LSE=return_lse,
+            USE_TMA=use_tma, HEADS_FASTEST=heads_fastest, num_warps=num_warps, num_stages=num_stages,
+        )
     return (out, lse) if return_lse else out

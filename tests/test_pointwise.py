@@ -105,3 +105,25 @@ def test_fused_runners_write_into_a_slice_of_the_output():
         assert out[:, :2].isnan().all() and out[:, 11:].isnan().all()
     with pytest.raises(ValueError, match="must be"):
         rms_norm(x, norm.weight, 1e-6, out=torch.empty(1, 8, 32, device=DEVICE))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_launch_on_the_gpu_that_holds_the_tensors():
+    """A model split over GPUs: tensors on cuda:1 while cuda:0 is current."""
+    from mmsparse.kernels.index import TokenOrder
+    from mmsparse.kernels.patterns import a_shape
+    from mmsparse.kernels.reference import reference_sparse_attention
+    from mmsparse.kernels.sparse_attention import sparse_attention
+
+    dev = torch.device("cuda:1")
+    with torch.cuda.device(0):
+        gen = torch.Generator(device=dev).manual_seed(0)
+        q, k, v = (torch.randn(1, h, 512, 64, device=dev, dtype=torch.float16, generator=gen) for h in (4, 2, 2))
+        order = TokenOrder.causal(512, 512, 64, 64, device=dev)
+        index = a_shape(order, sink=64, local=128)
+        ref, _ = reference_sparse_attention(q.float(), k.float(), v.float(), index, order)
+        torch.testing.assert_close(sparse_attention(q, k, v, index, order).float(), ref, atol=2e-3, rtol=2e-3)
+        x = torch.randn(3, 96, device=dev, dtype=torch.float16, generator=gen)
+        weight = torch.rand(96, device=dev, dtype=torch.float16, generator=gen)
+        torch.testing.assert_close(rms_norm(x, weight, 1e-6), rms_norm_reference(x, weight, 1e-6), atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(silu_mul(x, x), silu_mul_reference(x, x), atol=1e-2, rtol=1e-2)
