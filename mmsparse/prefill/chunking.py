@@ -5,13 +5,16 @@ an RMSNorm upcasts its whole input to float32 (15 GB at 1M tokens). ``chunked_po
 chunk)`` swaps each decoder layer's ``mlp``, ``input_layernorm`` and ``post_attention_layernorm``
 submodules, and the text model's final ``norm``, for a wrapper that runs the same module over
 ``chunk`` tokens at a time. They act on each token alone, so the result is identical. The
-originals are put back on exit. Composition, not patching: no method of any transformers class
-is replaced. Logits for the last token only come from ``logits_to_keep=1``.
+originals are put back on exit; ``wrap_pointwise`` (what a sparse pipeline calls once) leaves
+the wrappers in place. Composition, not patching: no method of any transformers class is
+replaced. Logits for the last token only come from ``logits_to_keep=1``.
 
-With ``fused=True`` the norms and MLPs of the known Qwen2/Llama classes (``FUSABLE_NORMS``,
-``FUSABLE_MLPS``) also run through ``mmsparse.kernels.pointwise``: one Triton pass per RMSNorm
-instead of ~6 kernels over float32 copies, and SwiGLU's ``silu(gate) * up`` in one pass written
-over the gate. They use the modules' own weights; other classes run as they are.
+With ``fused_kernels=True`` the norms and MLPs of the known Qwen2/Llama classes
+(``FUSABLE_NORMS``, ``FUSABLE_MLPS``) also run, on CUDA, through ``mmsparse.kernels.pointwise``:
+one Triton pass per RMSNorm instead of ~6 kernels over float32 copies, and SwiGLU's
+``silu(gate) * up`` in one pass written over the gate, each chunk's result written straight into
+its slice of the output. They use the modules' own weights; other classes and other devices run
+the modules as they are.
 """
 
 from __future__ import annotations
