@@ -11,6 +11,7 @@ or blocks). Budgets are whole blocks: a band of ``local`` tokens covers every bl
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
@@ -22,21 +23,25 @@ def _block_rows(n_rows: int, block: int, device: torch.device) -> tuple[torch.Te
     return first, (first + block - 1).clamp(max=n_rows - 1)
 
 
-def band_mask(order: TokenOrder, *, sink: int, local: int, shifts: tuple[int, ...] = (0,)) -> torch.Tensor:
-    """[B, 1, NQ, NK] blocks touching the first ``sink`` rows of K or a band of ``local`` rows of
+def band_mask(order: TokenOrder, *, sink: int, local: int | Sequence[int], shifts: tuple[int, ...] = (0,)) -> torch.Tensor:
+    """[B, L, NQ, NK] blocks touching the first ``sink`` rows of K or a band of ``local`` rows of
     K ending ``shift`` rows before each query row (row indices in the current order; each
-    sequence's valid queries end at its last valid key, so a padded chunked batch aligns per sequence)."""
+    sequence's valid queries end at its last valid key, so a padded chunked batch aligns per
+    sequence). ``local`` may list several widths: one mask each (L of them, 1 for an int), built
+    by the same few tensor ops."""
+    widths = (local,) if isinstance(local, int) else tuple(local)
     mq, mk = order.q_pos.shape[1], order.k_pos.shape[1]
     dev = order.q_pos.device
     q_first, q_last = _block_rows(mq, order.block_m, dev)
     k_first, k_last = _block_rows(mk, order.block_n, dev)
-    offset = ((order.k_pos != KEY_PAD).sum(1) - (order.q_pos >= 0).sum(1))[:, None, None]  # [B, 1, 1]
-    mask = (k_first < sink)[None, None, :].expand(len(offset), len(q_first), -1).clone()
+    offset = ((order.k_pos != KEY_PAD).sum(1) - (order.q_pos >= 0).sum(1))[:, None, None, None]  # [B, 1, 1, 1]
+    width = torch.tensor(widths, device=dev)[None, :, None, None]  # [1, L, 1, 1]
+    mask = (k_first < sink)[None, None, None, :].expand(len(offset), len(widths), len(q_first), -1).clone()
     for shift in shifts:  # a handful of bands, not a loop over blocks
-        lo = q_first[None, :, None] + offset - shift - local + 1
-        hi = q_last[None, :, None] + offset - shift
-        mask |= (k_last[None, None, :] >= lo) & (k_first[None, None, :] <= hi)
-    return mask[:, None]
+        lo = q_first[None, None, :, None] + offset - shift - width + 1
+        hi = q_last[None, None, :, None] + offset - shift
+        mask |= (k_last[None, None, None, :] >= lo) & (k_first[None, None, None, :] <= hi)
+    return mask
 
 
 def a_shape(order: TokenOrder, *, sink: int = 128, local: int = 4096, heads: int = 1) -> SparseIndex:

@@ -353,6 +353,15 @@ def test_band_mask_and_a_shape_vs_brute_force(mq, mk, bm, bn, sink, local, shift
         assert torch.equal(index.block_mask.cpu(), (want & visible[0].cpu()).expand(1, 2, -1, -1))
 
 
+def test_band_mask_of_several_widths_stacks_the_single_ones():
+    order = causal_order(64, 160, 16, 16, q_lens=[64, 40], kv_lens=[160, 100])
+    widths = (1, 16, 40, 300)
+    got = band_mask(order, sink=8, local=widths, shifts=(0, 24))
+    assert got.shape == (2, len(widths), order.num_q_blocks, order.num_k_blocks)
+    for i, width in enumerate(widths):
+        assert torch.equal(got[:, i], band_mask(order, sink=8, local=width, shifts=(0, 24))[:, 0])
+
+
 def test_a_shape_local_window_in_padded_chunked_batch():
     order = causal_order(32, 128, 16, 16, q_lens=[32, 32], kv_lens=[128, 64])
     tokens = index_token_mask(a_shape(order, sink=16, local=16), order)[:, 0]

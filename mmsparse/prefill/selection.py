@@ -202,26 +202,27 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
     def want(label: str) -> bool:
         return wanted is None or label in wanted
 
+    unscored = torch.full((hq,), float("nan"), device=dev)
+
     def add(kind: str, budget: str, label: str, mask: torch.Tensor, columns=None, extra=None, extra_cost=None,
             row_stats=None, cost_rows=None, vis=None, heads=None):
-        row_stats = row_stats or stats
-        if row_stats is not None:
-            rec, err = row_stats.evaluate(mask, *(extra or (None, None)))
-        else:
-            rec = err = torch.full((1,), float("nan"), device=dev)
+        if wanted is not None:  # a fixed plan: built, never scored or costed
+            candidates.append(Candidate(kind, budget, f"{kind}:{label}", mask, unscored, unscored, unscored,
+                                        columns, heads))
+            return
+        rec, err = (row_stats or stats).evaluate(mask, *(extra or (None, None)))
         cost = _cost(mask, visible if vis is None else vis, video_blocks if cost_rows is None else cost_rows,
                      visible[video_blocks].sum())
         if extra_cost is not None:
             cost = cost + extra_cost
-        if heads is not None:  # rows for some heads only (fixed plan: nothing is scored)
-            cost = torch.full((hq,), float("inf"), device=dev).index_copy(0, heads, cost.expand(len(heads)))
         candidates.append(Candidate(kind, budget, f"{kind}:{label}", mask, rec.expand(hq), err.expand(hq),
                                     cost.expand(hq), columns, heads))
 
     if "a_shape" in cfg.kinds:
-        for local in A_SHAPE_LOCAL:
-            if (local < n or local == A_SHAPE_LOCAL[0]) and want(f"a_shape:{local}"):
-                add("a_shape", f"sink={cfg.sink},local={local}", f"{local}", band_mask(order, sink=cfg.sink, local=local)[0])
+        locals_ = [w for w in A_SHAPE_LOCAL if (w < n or w == A_SHAPE_LOCAL[0]) and want(f"a_shape:{w}")]
+        if locals_:
+            for local, mask in zip(locals_, band_mask(order, sink=cfg.sink, local=locals_)[0]):  # all widths at once
+                add("a_shape", f"sink={cfg.sink},local={local}", f"{local}", mask[None])
     if "block" in cfg.kinds:
         gammas = [g for g in sorted({cfg.gamma, min(0.99, 1 - (1 - cfg.gamma) / 2)}) if want(f"block:{g}")]
         if gammas:
@@ -249,9 +250,10 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
         pvideo = torch.nn.functional.pad(visual[perm], (0, nq * bs - n)).view(nq, bs).all(-1)
         frames = max(f for _, f, _ in spans)
         grid_ctx = (perm, porder, inverse)
-        for mult in mults:
-            mask = band_mask(porder, sink=cfg.sink, local=mult * frames)[0] & pvisible[0]
-            add("grid", f"band={mult * frames}", f"{mult}F", mask, row_stats=pstats, cost_rows=pvideo, vis=pvisible[0])
+        bands = band_mask(porder, sink=cfg.sink, local=[mult * frames for mult in mults])[0] & pvisible[0]
+        for mult, mask in zip(mults, bands):
+            add("grid", f"band={mult * frames}", f"{mult}F", mask[None], row_stats=pstats, cost_rows=pvideo,
+                vis=pvisible[0])
     return _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg)
 
 
