@@ -19,6 +19,7 @@ the modules as they are.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from typing import Iterator
 
@@ -54,7 +55,7 @@ class ChunkedAlongSequence(torch.nn.Module):
         return out
 
 
-class _FusedRunner(torch.nn.Module):
+class _FusedRunner(torch.nn.Module, abc.ABC):
     """Runs ``inner`` through a fused kernel on CUDA (and on the CPU with ``cpu_kernels``: the
     Triton interpreter, for tests); elsewhere the module itself. ``out``, when given, receives
     the result (a chunk's slice of the whole output)."""
@@ -69,8 +70,9 @@ class _FusedRunner(torch.nn.Module):
             return self.fused_forward(hidden, out)
         return self.inner(hidden) if out is None else out.copy_(self.inner(hidden))
 
+    @abc.abstractmethod
     def fused_forward(self, hidden: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
+        """The fused kernel's path (each runner its own)."""
 
 
 class FusedRMSNorm(_FusedRunner):
