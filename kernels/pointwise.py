@@ -16,18 +16,12 @@ where a different summation order moves the mean of squares by an ulp. On a CPU 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .launch import on_device
+from .launch import on_device, runs_triton
 from .reference import rms_norm_reference, silu_mul_reference
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -51,7 +45,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Te
     dtype = torch.promote_types(weight.dtype, x.dtype)
     if out is not None and (out.shape != x.shape or out.dtype != dtype):
         raise ValueError(f"rms_norm: out is {tuple(out.shape)} {out.dtype}; it must be {tuple(x.shape)} {dtype}")
-    if not _use_triton(x) or x.numel() == 0:
+    if not runs_triton(x) or x.numel() == 0:
         result = rms_norm_reference(x, weight, eps)
         return result if out is None else out.copy_(result)
     cols = x.shape[-1]
@@ -86,7 +80,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, inplace: bool = False) -> 
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"silu_mul: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} "
                          "must have one shape and dtype")
-    if not _use_triton(gate) or gate.numel() == 0:
+    if not runs_triton(gate) or gate.numel() == 0:
         result = silu_mul_reference(gate, up)
         return gate.copy_(result) if inplace else result
     g, u = gate.contiguous(), up.contiguous()

@@ -10,14 +10,13 @@ Semantics, index format and positions: ``index.py``. Reference: ``reference.py``
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .index import SparseIndex, TokenOrder
-from .launch import on_device
+from .launch import on_device, runs_triton
 
 LOG2E = 1.4426950408889634
 
@@ -185,7 +184,7 @@ def sparse_attention(
     return), or write into ``out`` of that shape; with ``return_lse`` also the natural-log
     log-sum-exp [B, Hq, Mq] in float32 (-inf for rows that see nothing), for merging partials."""
     _check(q, k, v, order, index, head_map)
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not runs_triton(q):
         if return_lse:
             raise ValueError("return_lse needs the Triton kernel (a CUDA device, or TRITON_INTERPRET=1 on the CPU)")
         from .reference import chunked_sparse_attention
