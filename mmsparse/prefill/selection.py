@@ -298,7 +298,8 @@ def _vertical_slash_candidates(q, k, v, visual, question, order, n, cfg, add, vi
             hkv = v.shape[0]
             vc = v[(torch.arange(hq, device=dev) // (hq // hkv))[:, None], cols].float()  # [H, C, D]
             extra = (pc.sum(-1), torch.einsum("hsc,hcd->hsd", pc, vc))
-        col_cost = cols.shape[1] / bs / visible[video_blocks].sum(-1).float().mean().clamp(min=1)
+        col_cost = None if stats is None else \
+            cols.shape[1] / bs / visible[video_blocks].sum(-1).float().mean().clamp(min=1)  # a fixed plan costs nothing
         add("vertical_slash", f"columns={cols.shape[1]},diagonals={diags.shape[1]}", f"{n_cols}/{n_diag}", mask,
             columns=cols, extra=extra, extra_cost=col_cost, heads=heads)
 
