@@ -10,7 +10,8 @@ mix is fixed (``--mix``, or the mix the toy model chose at its longest VisionNIA
 to all heads of the model by default, ``--mix-scope``) and
 every layer still runs the stage's own estimation and index build. The MLPs and norms run in
 chunks (``mmsparse.prefill.chunking``) in both runs, so long prompts fit (1M tokens on an H200),
-and through the fused RMSNorm / SwiGLU kernels unless ``--pointwise stock``. Also times attention alone
+and through the fused RMSNorm / SwiGLU kernels unless ``--pointwise stock``; with ``--compile-attention``
+both runs compile the attention modules (``mmsparse.prefill.compiled``: RoPE as one fused pass). Also times attention alone
 (dense vs sparse at one layer's shapes, over the layers' plans) to give the bound: prefill speed-up <= 1 / (1 - a + a / s)
 for attention share ``a`` of dense prefill and attention speed-up ``s``.
 Writes ``eval/results/prefill.json``.
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--chunk", type=int, default=32768, help="MLP and norm chunk (tokens)")
     parser.add_argument("--pointwise", choices=("fused", "stock"), default="fused",
                         help="norms and SwiGLU through the fused kernels or the stock modules (both runs alike)")
+    parser.add_argument("--compile-attention", action="store_true",
+                        help="torch.compile the attention modules in both runs (RoPE as one fused pass)")
     parser.add_argument("--gamma", type=float, default=0.95)
     parser.add_argument("--sparse-only-above", type=int, default=None,
                         help="lengths above this run the sparse prefill only (dense would take too long)")
@@ -152,6 +155,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     env = environment()
     mix_text = mix_from_summary(args.mix_from, args.mix_config) if args.mix_from else args.mix
     model, _ = qwen2_5_vl_7b("cuda")
+    if args.compile_attention:  # compiled during the warm-up below
+        from mmsparse.prefill.compiled import compile_attention
+
+        compile_attention(model)
     layers = model.config.text_config.num_hidden_layers
     heads = model.config.text_config.num_attention_heads
     plans = model_plans(mix_text, layers, heads, args.mix_scope)
@@ -175,7 +182,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         pos = pos.cuda()
         rec = {"gpu": env["gpu"], "torch": env["torch"], "n": n, "config": f"fixed mix {mix_text}",
                "mix_scope": args.mix_scope, "heads_per_label": dict(totals), "chunk": args.chunk,
-               "pointwise": args.pointwise}
+               "pointwise": args.pointwise, "compile_attention": args.compile_attention}
         with_dense = args.sparse_only_above is None or n <= args.sparse_only_above
         try:
             with chunked_pointwise(model, args.chunk, fused_kernels=fused_kernels):

@@ -60,6 +60,10 @@ class VideoQAPipeline(Pipeline):
                 from ..prefill.chunking import wrap_pointwise
 
                 wrap_pointwise(model, chunk, fused_kernels=True)
+            if self.sparse_config.prefill.compile_attention:
+                from ..prefill.compiled import compile_attention
+
+                compile_attention(model)
         given = _take(kwargs, SAMPLING_KEYS)
         self.sampling = SamplingOptions(**{**self.adapter.sampling_defaults(), **given})
         self.video_kwargs = _take(kwargs, VIDEO_KEYS)

@@ -24,6 +24,7 @@ from mmsparse.kernels.index import (  # noqa: E402
     TokenOrder,
     compile_block_mask,
     dense_index,
+    with_rows_of,
 )
 from mmsparse.kernels.patterns import a_shape, band_mask, block_topk, diagonal_sums, vertical_slash  # noqa: E402
 from mmsparse.kernels.permute import (  # noqa: E402
@@ -201,6 +202,34 @@ def test_shared_index_rows_read_through_head_rows():
     assert shared.computed_pairs() == copied.computed_pairs()
     with pytest.raises(ValueError, match="head_rows"):
         compile_block_mask(rows.block_mask, order, head_rows=torch.tensor([0, 2, 1, 1]))
+
+
+def test_rows_of_another_index_appended_for_some_heads():
+    """with_rows_of: the named heads read the other index's rows (wider blocks and columns are
+    padded), the rest keep theirs; the kernel equals the reference on the per-head copy."""
+    q, k, v = qkv(1, 4, 2, 80, 80, 16, seed=22)
+    order = causal_order(80, 80, 16, 16)
+    base_rows = random_index(order, 2, seed=9)  # no columns
+    base = compile_block_mask(base_rows.block_mask, order,
+                              head_rows=torch.tensor([0, 1, 1, 0], dtype=torch.int32, device=DEVICE))
+    other = random_index(order, 4, n_cols=5, seed=10)
+    heads = torch.tensor([1, 3], device=DEVICE)
+    merged = with_rows_of(base, other, heads)
+    assert merged.head_rows.tolist() == [0, 2, 1, 3]
+    want, got = base.per_head(), merged.per_head()
+    for h in range(4):
+        source, row = (other, h) if h in (1, 3) else (want, h)
+        assert torch.equal(got.block_mask[0, h], source.block_mask[0, row])
+        count = int(source.column_count[0, row].max())
+        assert torch.equal(got.columns[0, h, :count], source.columns[0, row, :count])
+        assert torch.equal(got.column_count[0, h], source.column_count[0, row])
+        n = source.block_count[0, row]
+        assert torch.equal(got.block_count[0, h], n)
+        width = int(n.max())
+        assert torch.equal(got.blocks[0, h, :, :width], source.blocks[0, row, :, :width])
+    check_kernel(q, k, v, merged, order)
+    with pytest.raises(ValueError, match="head_rows"):
+        with_rows_of(other, base, heads)
 
 
 # ----------------------------------------------------------------------------- 2. dense == SDPA

@@ -242,6 +242,9 @@ def _grid_shares(plan, layout: TokenLayout) -> list[float]:
     return [float(plan.grid.per_head().block_mask[0, i][video].sum()) / causal for i in range(len(plan.grid_heads))]
 
 
+real_select = selection.select
+
+
 def _capture_plans(monkeypatch) -> list:
     """Record every LayerPlan the attention function asks ``select`` for."""
     plans: list = []
@@ -449,6 +452,27 @@ def test_generate_decodes_dense_after_a_sparse_prefill(qwen):
     assert summary["sparse_layers"] == qwen.num_layers
     assert summary["dense_calls"] == {"queries and keys differ in length (decode step, chunked prefill or static cache)":
                                       2 * qwen.num_layers}
+
+
+def test_compiled_attention_modules_keep_the_sparse_function_eager(qwen):
+    """compile_attention compiles the text model's attention modules only (once), the sparse
+    function runs inside them as a graph break, and the logits are the stock model's."""
+    import torch._dynamo
+
+    from mmsparse.prefill.compiled import _COMPILED, compile_attention
+
+    model = copy.deepcopy(qwen.sparse)  # compiling is permanent: leave the shared model alone
+    assert compile_attention(model) == qwen.num_layers
+    assert compile_attention(model) == 0
+    assert all(layer.self_attn in _COMPILED for layer in _text_layers(model))
+    assert not any(module in _COMPILED for module in model.model.visual.modules())
+    expected = _logits(qwen.stock, qwen.inputs)
+    with sparse_prefill(qwen.layout, COVER) as req:
+        got = _logits(model, qwen.inputs)
+    torch.testing.assert_close(got, expected, **EXACT)
+    assert req.stats.summary()["sparse_layers"] == qwen.num_layers  # the sparse path ran, not SDPA
+    breaks = " ".join(torch._dynamo.utils.counters["graph_break"])
+    assert "mmsparse_attention" in breaks  # called, not traced
 
 
 def test_pipeline_reports_prefill_stats_and_matches_dense(qwen):
@@ -689,22 +713,34 @@ def test_dense_heads_run_through_sdpa_and_match_the_reference(monkeypatch, label
 @pytest.mark.parametrize("cache_bytes", [2 << 30, 0])
 def test_fixed_plans_that_read_no_input_are_built_once_per_request(monkeypatch, cache_bytes):
     """Layers naming the same A-shape / grid / dense plan share one build (unless the cache is
-    over its byte budget); a plan with an estimated pattern (vertical-slash) is built in every
-    layer. Outputs still follow each layer's own Q, K, V; the stats keep one record per layer."""
+    over its byte budget); in a plan with an estimated pattern (vertical-slash) only that head is
+    built per layer, onto the shared build of the rest, and the result is the plan a whole build
+    gives. Outputs still follow each layer's own Q, K, V; the stats keep one record per layer."""
     monkeypatch.setattr(prefill_attention, "plan_cache_cap", lambda device: cache_bytes)
     layout = _video_layout(pre=20, frames=16, per_frame=16, post=14)
     static = ("dense", "grid:2F", "a_shape:128", "a_shape:128")
     estimated = ("dense", "vertical_slash:250/512", "a_shape:128", "a_shape:128")
-    plans = _capture_plans(monkeypatch)
+    base = ("dense", "dense", "a_shape:128", "a_shape:128")
+    own = ("dense", "vertical_slash:250/512", "dense", "dense")
+    builds = _capture_plans(monkeypatch)
+    used = []
+    real_plan = prefill_attention._layer_plan
+    monkeypatch.setattr(prefill_attention, "_layer_plan", lambda *a: used.append(real_plan(*a)) or used[-1])
     cfg = PrefillConfig(min_length=0, block_size=16, gamma=0.9, max_density=1.0)
     request = PrefillRequest(layout, cfg, plans={0: static, 1: static, 2: estimated, 3: estimated})
     for layer in range(4):
         q, k, v = _grid_qkv(layout, seed=20 + layer)
         out, _ = sparse_prefill_attention(q, k, v, request, layer=layer, scaling=None)
-        ref, _ = masked_attention(q, k, v, _plan_token_mask(plans[-1], 4))
+        ref, _ = masked_attention(q, k, v, _plan_token_mask(used[-1], 4))
         torch.testing.assert_close(out, ref, **KERNEL)
-    static_builds = 1 if cache_bytes else 2
-    assert [p.labels for p in plans] == [list(static)] * static_builds + [list(estimated)] * 2
+        if layer >= 2:  # appended rows: the same computed pairs, dense heads and density as a whole build
+            whole = real_select(q, k, v, layout, SelectionConfig(gamma=0.9, block=16, max_density=1.0, forced=estimated))
+            assert torch.equal(_plan_token_mask(used[-1], 4), _plan_token_mask(whole, 4))
+            assert used[-1].dense_heads.tolist() == whole.dense_heads.tolist() == [0]
+            assert used[-1].density == pytest.approx(whole.density)
+    assert [p.labels for p in used] == [list(static)] * 2 + [list(estimated)] * 2
+    expected = [static, base, own, own] if cache_bytes else [static, static, base, own, base, own]
+    assert [p.labels for p in builds] == [list(labels) for labels in expected]
     assert [r["layer"] for r in request.stats.layers] == [0, 1, 2, 3]
     assert all(r["index_s"] >= 0 and r["attention_s"] > 0 for r in request.stats.layers)
 

@@ -11,6 +11,7 @@ Everything else (decode steps, short prompts) is exactly transformers' SDPA path
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -161,21 +162,9 @@ def _dense_reason(request: PrefillRequest, module, layer: int, query: torch.Tens
 
 def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: int, scaling: float | None):
     from ..kernels.sparse_attention import sparse_attention
-    from .selection import select
 
     started = _mark(query.device)
-    forced = request.plans.get(layer) if request.plans else None
-    forced = tuple(forced) if forced is not None else None
-    # A fixed plan of patterns that do not read the input (A-shape, grid, dense) is the same
-    # plan in every layer that names it: build it once per request.
-    cache_key = None if forced is None or any(lab.split(":")[0] in INPUT_DEPENDENT for lab in forced) else \
-        (forced, tuple(query.shape), query.device)
-    plan = request.plan_cache.get(cache_key) if cache_key is not None else None
-    if plan is None:
-        plan = select(query, key, value, request.layout, _selection_config(request.config, forced=forced))
-        if cache_key is not None and sum(p.nbytes() for p in request.plan_cache.values()) + plan.nbytes() \
-                <= plan_cache_cap(query.device):
-            request.plan_cache[cache_key] = plan
+    plan = _layer_plan(query, key, value, request, layer)
     indexed = _mark(query.device)
     hq, group = query.shape[1], query.shape[1] // key.shape[1]
     dense = plan.dense_heads
@@ -203,6 +192,43 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
         "layer": layer, "density": plan.density, "kinds": plan.kinds, "budgets": plan.budgets, "labels": plan.labels,
         "recall": plan.recall, "error": plan.error}, (started, indexed, _mark(query.device)))
     return out, None
+
+
+def _layer_plan(query, key, value, request: PrefillRequest, layer: int):
+    """This layer's plan. Without a fixed plan, chosen from its Q and K. A fixed plan's
+    input-free heads (A-shape, grid, dense) are the same in every layer that names them: that
+    part is built once per request (the heads estimated from the input standing in as "dense")
+    and only the estimated heads (vertical-slash, block) are built per layer and appended."""
+    from .selection import select, with_estimated_heads
+
+    forced = request.plans.get(layer) if request.plans else None
+    if forced is None:
+        return select(query, key, value, request.layout, _selection_config(request.config))
+    forced = tuple(forced)
+    estimated = [h for h, label in enumerate(forced) if label.split(":")[0] in INPUT_DEPENDENT]
+    if len(estimated) == len(forced):
+        return select(query, key, value, request.layout, _selection_config(request.config, forced=forced))
+    base = _input_free_plan(query, key, value, request,
+                            tuple("dense" if h in estimated else label for h, label in enumerate(forced)))
+    if not estimated:
+        return base
+    own = tuple(label if h in estimated else "dense" for h, label in enumerate(forced))
+    return with_estimated_heads(base, select(query, key, value, request.layout,
+                                             _selection_config(request.config, forced=own)), estimated)
+
+
+def _input_free_plan(query, key, value, request: PrefillRequest, labels: tuple[str, ...]):
+    """The plan of labels that do not read the input, from the request's cache (built and cached
+    on first use while the cache has room)."""
+    from .selection import select
+
+    cache_key = (labels, tuple(query.shape), query.device)
+    plan = request.plan_cache.get(cache_key)
+    if plan is None:
+        plan = select(query, key, value, request.layout, _selection_config(request.config, forced=labels))
+        if sum(p.nbytes() for p in request.plan_cache.values()) + plan.nbytes() <= plan_cache_cap(query.device):
+            request.plan_cache[cache_key] = plan
+    return plan
 
 
 INPUT_DEPENDENT = ("vertical_slash", "block")  # pattern kinds whose index is estimated from Q and K
@@ -238,12 +264,20 @@ def _selection_config(cfg: PrefillConfig, **overrides):
     return SelectionConfig(**{**base, **overrides})
 
 
+@functools.cache
+def _eager_attention():
+    """``mmsparse_attention`` behind ``torch.compiler.disable``: an attention module compiled by
+    ``compile_attention`` calls it as a graph break, so plan building, its host-side choices and
+    the Triton launches run eagerly as they always do."""
+    return torch.compiler.disable(mmsparse_attention)
+
+
 def register() -> str:
     """Register the attention and mask functions with transformers (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(ATTENTION_NAME, mmsparse_attention)
+    AttentionInterface.register(ATTENTION_NAME, _eager_attention())
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
     return ATTENTION_NAME
 

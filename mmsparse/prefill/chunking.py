@@ -113,20 +113,28 @@ def fused(module: torch.nn.Module, cpu_kernels: bool = False) -> torch.nn.Module
     return module
 
 
-def _pointwise_parts(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
-    """(parent, attribute) of every per-token submodule of the decoder stacks: modules with a
-    ``layers`` list of attention + MLP blocks and a final ``norm`` (a vision encoder has no
-    ``norm`` there and is left alone)."""
-    parts = []
+def decoder_stacks(model: torch.nn.Module) -> list[tuple[torch.nn.Module, list[torch.nn.Module]]]:
+    """(stack, its attention + MLP blocks) of every decoder stack of ``model``: modules with a
+    ``layers`` list of such blocks and a final ``norm`` (a vision encoder has no ``norm`` there
+    and is left alone)."""
+    stacks = []
     for stack in model.modules():
         layers = getattr(stack, "layers", None)
         if not isinstance(layers, torch.nn.ModuleList) or not isinstance(getattr(stack, "norm", None), torch.nn.Module):
             continue
         blocks = [layer for layer in layers if hasattr(layer, "mlp") and hasattr(layer, "self_attn")]
+        if blocks:
+            stacks.append((stack, blocks))
+    return stacks
+
+
+def _pointwise_parts(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+    """(parent, attribute) of every per-token submodule of the decoder stacks."""
+    parts = []
+    for stack, blocks in decoder_stacks(model):
         parts += [(layer, name) for layer in blocks for name in LAYER_PARTS
                   if isinstance(getattr(layer, name, None), torch.nn.Module)]
-        if blocks:
-            parts.append((stack, "norm"))
+        parts.append((stack, "norm"))
     return parts
 
 

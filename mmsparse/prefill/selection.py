@@ -15,13 +15,14 @@ choice is a handful of tensor ops per candidate, not a loop over heads or blocks
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 from ..layout import TokenLayout
-from ..kernels.index import SparseIndex, TokenOrder, compile_block_mask
+from ..kernels.index import SparseIndex, TokenOrder, compile_block_mask, with_rows_of
 from ..kernels.patterns import band_mask, block_topk_mask, diagonal_sums, pooled_block_scores, slash_block_mask
 from ..kernels.permute import grid_permutation, inverse_permutation, permuted_order
 
@@ -376,12 +377,9 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> Lay
     natural = _shared_rows(candidates, chosen, visible, text_blocks, order)
     plan = LayerPlan(kinds, budgets, recalls, errors, 0.0, natural, order, labels=labels)
     plan.table = {c.label: {name: values[i] for name, values in table.items()} for i, c in enumerate(candidates)}
-    n = order.q_pos.shape[1]
-    causal_pairs = n * (n + 1) / 2
     dense_heads = [h for h, c in enumerate(chosen) if c < 0]
     if dense_heads:
         plan.dense_heads = torch.tensor(dense_heads, device=dev)
-    computed = natural.computed_pairs() + len(dense_heads) * causal_pairs
     if grid_heads and grid_ctx is not None:
         perm, porder, inverse = grid_ctx
         pvisible, _ = porder.block_visibility()
@@ -395,7 +393,36 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> Lay
         plan.grid = compile_block_mask(masks, porder, head_rows=rows)
         plan.grid_heads = torch.tensor(grid_heads, device=dev)
         plan.grid_order, plan.perm, plan.inverse = porder, perm, inverse
+    plan.density = _density(plan)
+    return plan
+
+
+def _density(plan: LayerPlan) -> float:
+    """Query-key pairs the plan computes (sparse rows, dense heads, grid rows) / causal pairs."""
+    n = plan.order.q_pos.shape[1]
+    causal_pairs = n * (n + 1) / 2
+    computed = plan.natural.computed_pairs() + (0 if plan.dense_heads is None else len(plan.dense_heads)) * causal_pairs
+    if plan.grid is not None:
         computed += plan.grid.computed_pairs()
-    plan.density = computed / (hq * causal_pairs)
+    return computed / (len(plan.kinds) * causal_pairs)
+
+
+def with_estimated_heads(base: LayerPlan, estimated: LayerPlan, heads: list[int]) -> LayerPlan:
+    """A fixed plan whose input-dependent heads (``heads``) were built as "dense" placeholders
+    (``base``, shared by every layer with the same plan), completed by ``estimated``: a plan of
+    this layer where only those heads are estimated from its Q and K. Their rows are appended to
+    the base's; nothing else is rebuilt."""
+    moved = torch.tensor(heads, device=base.natural.blocks.device)
+    plan = copy.copy(base)
+    plan.natural = with_rows_of(base.natural, estimated.natural, moved)
+    for name in ("kinds", "budgets", "labels", "recall", "error"):
+        values = list(getattr(base, name))
+        for h in heads:
+            values[h] = getattr(estimated, name)[h]
+        setattr(plan, name, values)
+    dense = [h for h, kind in enumerate(plan.kinds) if kind == "dense"]  # from the lists: no device sync
+    plan.dense_heads = torch.tensor(dense, device=moved.device) if dense else None
+    plan.table = {**base.table, **estimated.table}
+    plan.density = _density(plan)
     return plan
 
