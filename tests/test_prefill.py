@@ -48,9 +48,11 @@ from mmsparse.video import SamplingOptions, load_video  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
-# float32 end to end; on a GPU tl.dot reads float32 as TF32, so the kernel is only TF32-exact there.
-EXACT = dict(atol=1e-4, rtol=1e-4) if DEVICE == "cpu" else dict(atol=5e-3, rtol=5e-3)
+# float32 end to end; on a GPU tl.dot reads float32 as TF32, so the kernel is only TF32-exact there
+# (through the 4-layer toy model, H200: 1 of 82,656 logits off by 0.016, the rest within 5e-3).
+EXACT = dict(atol=1e-4, rtol=1e-4) if DEVICE == "cpu" else dict(atol=2e-2, rtol=1e-2)
 KERNEL = dict(atol=2e-5, rtol=1e-4) if DEVICE == "cpu" else dict(atol=5e-3, rtol=5e-3)
+LAYER_REL = 1e-4 if DEVICE == "cpu" else 3e-3  # one attention layer's relative error (TF32 on a GPU)
 
 QUESTION = "What colour is the square?"
 # Every head dense or covering: gamma=1 keeps all the attention mass, max_density=1 allows all blocks.
@@ -322,7 +324,7 @@ def test_covering_budget_on_the_toy_model_layer_by_layer(toy):
     assert sorted(dense_out) == sorted(sparse_out) == list(range(4))
     for i in range(4):
         assert torch.isfinite(sparse_out[i]).all()
-        assert _rel(sparse_out[i], dense_out[i]) < 1e-4, i
+        assert _rel(sparse_out[i], dense_out[i]) < LAYER_REL, i
 
 
 @pytest.mark.parametrize("fused_kernels", [False, True], ids=["stock", "fused"])
@@ -871,7 +873,8 @@ def test_concurrent_requests_do_not_share_state(qwen):
     assert results["short"][0].stats.summary() == {"sparse_layers": 0,
                                                    "dense_calls": {"shorter than min_length": qwen.num_layers}}
     expected = _logits(qwen.stock, qwen.inputs)
-    assert torch.equal(results["short"][1], expected)
+    # Dense in both; on a GPU qwen.sparse may run the fused norm / SwiGLU kernels a sparse pipeline installed.
+    torch.testing.assert_close(results["short"][1], expected, **(dict(atol=0, rtol=0) if DEVICE == "cpu" else EXACT))
     torch.testing.assert_close(results["sparse"][1], expected, **EXACT)
     assert prefill_attention._REQUEST.get() is None
 
