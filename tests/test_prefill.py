@@ -15,7 +15,7 @@ import copy
 import math
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -457,14 +457,15 @@ def test_generate_decodes_dense_after_a_sparse_prefill(qwen):
 
 
 def test_compiled_attention_modules_keep_the_sparse_function_eager(qwen):
-    """compile_attention compiles the text model's attention modules only (once), the sparse
+    """A pipeline with compile_attention compiles the text model's attention modules only (once), the sparse
     function runs inside them as a graph break, and the logits are the stock model's."""
     import torch._dynamo
 
     from mmsparse.prefill.compiled import _COMPILED, compile_attention
 
     model = copy.deepcopy(qwen.sparse)  # compiling is permanent: leave the shared model alone
-    assert compile_attention(model) == qwen.num_layers
+    mmsparse.pipeline(model=model, processor=qwen.processor, device=DEVICE,
+                      sparse=SparseConfig(prefill=replace(COVER, compile_attention=True)))  # compiles
     assert compile_attention(model) == 0
     assert all(layer.self_attn in _COMPILED for layer in _text_layers(model))
     assert not any(module in _COMPILED for module in model.model.visual.modules())

@@ -205,6 +205,7 @@ def _layer_plan(query, key, value, request: PrefillRequest, layer: int):
     if forced is None:
         return select(query, key, value, request.layout, _selection_config(request.config))
     forced = tuple(forced)
+    # When the cache is full the base is rebuilt per layer too, a little more than one whole build.
     estimated = [h for h, label in enumerate(forced) if label.split(":")[0] in INPUT_DEPENDENT]
     if len(estimated) == len(forced):
         return select(query, key, value, request.layout, _selection_config(request.config, forced=forced))
