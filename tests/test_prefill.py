@@ -464,9 +464,13 @@ def test_compiled_attention_modules_keep_the_sparse_function_eager(qwen):
     from mmsparse.prefill.compiled import _COMPILED, compile_attention
 
     model = copy.deepcopy(qwen.sparse)  # compiling is permanent: leave the shared model alone
-    mmsparse.pipeline(model=model, processor=qwen.processor, device=DEVICE,
-                      sparse=SparseConfig(prefill=replace(COVER, compile_attention=True)))  # compiles
+    pipe = mmsparse.pipeline(model=model, processor=qwen.processor, device=DEVICE,
+                             sparse=SparseConfig(prefill=replace(COVER, compile_attention=True)))  # compiles
     assert compile_attention(model) == 0
+    call = dict(max_new_tokens=4, **qwen.sampling)  # prefill and decode steps through the compiled modules
+    dense = mmsparse.pipeline(model=qwen.stock, processor=qwen.processor, device=DEVICE)(qwen.frames, QUESTION, **call)
+    out = _shallow(pipe, qwen.frames, QUESTION, **call)
+    assert out["answer"] == dense["answer"] and out["stats"]["prefill"]["sparse_layers"] == qwen.num_layers
     assert all(layer.self_attn in _COMPILED for layer in _text_layers(model))
     assert not any(module in _COMPILED for module in model.model.visual.modules())
     expected = _logits(qwen.stock, qwen.inputs)
