@@ -247,17 +247,22 @@ def _grid_shares(plan, layout: TokenLayout) -> list[float]:
 real_select = selection.select
 
 
-def _capture_plans(monkeypatch) -> list:
-    """Record every LayerPlan the attention function asks ``select`` for."""
-    plans: list = []
-    real = selection.select
+def _record_returns(monkeypatch, owner, name: str) -> list:
+    """Replace ``owner.name`` with a spy that records every value the real function returns."""
+    returned: list = []
+    real = getattr(owner, name)
 
     def spy(*args, **kwargs):
-        plans.append(real(*args, **kwargs))
-        return plans[-1]
+        returned.append(real(*args, **kwargs))
+        return returned[-1]
 
-    monkeypatch.setattr(selection, "select", spy)
-    return plans
+    monkeypatch.setattr(owner, name, spy)
+    return returned
+
+
+def _capture_plans(monkeypatch) -> list:
+    """Record every LayerPlan the attention function asks ``select`` for."""
+    return _record_returns(monkeypatch, selection, "select")
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -730,9 +735,7 @@ def test_fixed_plans_that_read_no_input_are_built_once_per_request(monkeypatch, 
     base = ("dense", "dense", "a_shape:128", "a_shape:128")
     own = ("dense", "vertical_slash:250/512", "dense", "dense")
     builds = _capture_plans(monkeypatch)
-    used = []
-    real_plan = prefill_attention._layer_plan
-    monkeypatch.setattr(prefill_attention, "_layer_plan", lambda *a: used.append(real_plan(*a)) or used[-1])
+    used = _record_returns(monkeypatch, prefill_attention, "_layer_plan")  # the plan each layer ran
     cfg = PrefillConfig(min_length=0, block_size=16, gamma=0.9, max_density=1.0)
     request = PrefillRequest(layout, cfg, plans={0: static, 1: static, 2: estimated, 3: estimated})
     for layer in range(4):
