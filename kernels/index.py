@@ -29,8 +29,11 @@ four patterns compiles four rows, not 28).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
+
+from .launch import to_device
 
 KEY_PAD = 2**31 - 1
 QUERY_PAD = -1
@@ -151,11 +154,15 @@ class SparseIndex:
         return sum(t.nbytes for t in (self.blocks, self.block_count, self.full_count, self.block_mask,
                                       self.columns, self.column_count))
 
+    def pairs(self) -> torch.Tensor:
+        """``computed_pairs`` as a 0-dim float64 tensor on the index's device (not read back)."""
+        blocks = self._rows(self.block_count).sum(dtype=torch.float64) * self.block_m * self.block_n
+        return blocks + self._rows(self.column_count).sum(dtype=torch.float64) * self.block_m
+
     def computed_pairs(self) -> float:
         """Query-key pairs the kernel computes: whole blocks plus whole column chunks, over the
         index's heads (a head-free index counts once)."""
-        blocks = self._rows(self.block_count).float().sum() * self.block_m * self.block_n
-        return float(blocks + self._rows(self.column_count).float().sum() * self.block_m)
+        return float(self.pairs())
 
     def density(self, order: TokenOrder) -> float:
         """Share of the causally visible block area that is computed (columns counted as one
@@ -171,12 +178,17 @@ def compile_block_mask(
     order: TokenOrder,
     columns: torch.Tensor | None = None,
     column_count: torch.Tensor | None = None,
-    head_rows: torch.Tensor | None = None,
+    head_rows: torch.Tensor | Sequence[int] | None = None,
+    *,
+    full_width: bool = False,
 ) -> SparseIndex:
     """Turn a block mask [B, H, NQ, NK] into a ``SparseIndex``: drop invisible blocks, list the
     fully visible ones first. Vectorised (running counts and one scatter); no loops over heads or blocks.
     With ``head_rows`` the H mask rows are distinct patterns and query head h reads row
-    ``head_rows[h]``."""
+    ``head_rows[h]`` (a host list is checked on the host; a device tensor costs a sync).
+    ``full_width``: ``blocks`` gets NK slots instead of the longest row's count, so nothing is
+    read back from the device (built per layer during a prefill, a read-back would stall the GPU's
+    queue); the same size when some query block sees every key block, as a trailing question does."""
     b, h, nq, nk = mask.shape
     if (nq, nk) != (order.num_q_blocks, order.num_k_blocks):
         raise ValueError(f"block mask has {nq}x{nk} blocks but the token order has "
@@ -187,7 +199,7 @@ def compile_block_mask(
     ids = torch.arange(nk, dtype=torch.int32, device=mask.device)
     count = mask.sum(-1, dtype=torch.int32)
     n_full = is_full.sum(-1, dtype=torch.int32)
-    width = max(1, int(count.max()))
+    width = max(1, nk if full_width else int(count.max()))
     # Slot of each listed block: full blocks first, then partial ones, each ascending. Running
     # counts give it directly (no sort); unlisted blocks go to a spill slot past the end.
     slot = torch.where(is_full, is_full.cumsum(-1, dtype=torch.int32) - 1,
@@ -201,9 +213,11 @@ def compile_block_mask(
         column_count = torch.zeros((b, h, nq), dtype=torch.int32, device=mask.device)
     column_count = column_count.to(torch.int32).expand(b, h, nq).contiguous()  # same strides as the counts
     if head_rows is not None:
-        head_rows = head_rows.to(device=mask.device, dtype=torch.int32).contiguous()
-        if head_rows.dim() != 1 or bool(((head_rows < 0) | (head_rows >= h)).any()):
-            raise ValueError(f"head_rows must be a 1-D list of mask rows in [0, {h}); got {head_rows.tolist()}")
+        on_host = not isinstance(head_rows, torch.Tensor) or head_rows.device.type == "cpu"
+        rows = torch.as_tensor(head_rows, dtype=torch.int32)
+        if rows.dim() != 1 or bool(((rows < 0) | (rows >= h)).any()):
+            raise ValueError(f"head_rows must be a 1-D list of mask rows in [0, {h}); got {rows.tolist()}")
+        head_rows = to_device(rows, mask.device) if on_host else rows.contiguous()
     return SparseIndex(order.block_m, order.block_n, blocks, count, n_full,
                        mask, columns.to(torch.int32).contiguous(), column_count, head_rows)
 

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from .index import KEY_PAD, SparseIndex, TokenOrder, compile_block_mask
+from .launch import to_device
 
 
 def _block_rows(n_rows: int, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +36,7 @@ def band_mask(order: TokenOrder, *, sink: int, local: int | Sequence[int], shift
     q_first, q_last = _block_rows(mq, order.block_m, dev)
     k_first, k_last = _block_rows(mk, order.block_n, dev)
     offset = ((order.k_pos != KEY_PAD).sum(1) - (order.q_pos >= 0).sum(1))[:, None, None, None]  # [B, 1, 1, 1]
-    width = torch.tensor(widths, device=dev)[None, :, None, None]  # [1, L, 1, 1]
+    width = to_device(widths, dev, torch.long)[None, :, None, None]  # [1, L, 1, 1]
     mask = (k_first < sink)[None, None, None, :].expand(len(offset), len(widths), len(q_first), -1).clone()
     for shift in shifts:  # a handful of bands, not a loop over blocks
         lo = q_first[None, None, :, None] + offset - shift - width + 1
@@ -65,14 +66,15 @@ def last_query_scores(q: torch.Tensor, k: torch.Tensor, order: TokenOrder, last_
     return s.softmax(-1), pos
 
 
-def diagonal_sums(p: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def diagonal_sums(p: torch.Tensor, pos: torch.Tensor, first: Sequence[int] | None = None) -> torch.Tensor:
     """Sum of scores along each diagonal: out[..., d] = sum_i p[..., i, pos_i - d], for queries at
     consecutive positions ``pos`` [B, n] and keys in natural order. Skews the rows with one
-    strided view per batch element instead of an index tensor as large as the scores."""
+    strided view per batch element instead of an index tensor as large as the scores. ``first``
+    (``pos[:, 0]`` known on the host) spares reading it back from the device."""
     bsz, h, n, mk = p.shape
     out = p.new_zeros((bsz, h, mk))
     for b in range(bsz):  # batch elements may end at different positions
-        p0 = int(pos[b, 0])
+        p0 = int(pos[b, 0]) if first is None else int(first[b])
         span = min(mk, p0 + n)  # larger offsets reach before key 0 for every query
         flip = torch.nn.functional.pad(p[b].flip(-1), (n, n))  # [h, n, mk + 2n]; flip[i, n + u] = p[i, mk-1-u]
         width = mk + 2 * n

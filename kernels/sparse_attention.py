@@ -4,21 +4,30 @@ One program per (query block, batch x query head): all heads in one launch, GQA 
 kernel (query head ``h`` reads KV head ``h // group``, or ``head_map[h]``; no ``repeat_kv``).
 Two loops over one online softmax: the row's key blocks (fully visible first; the partially
 visible ones masked on positions), then the extra key columns (gathered rows).
+
+Long rows (``long_rows``: the query blocks of a trailing question, dense in every sparse head)
+are split: one program would walk the whole row while the rest of a sparse launch is long done
+(H200, 128K: a launch of one grid head took 3.2 ms, nearly all of it that one row). A second
+launch gives each ``SEGMENT_BLOCKS`` key blocks of those rows their own program, writing partial
+(sum, max, normaliser) tiles that ``_merge_segments`` combines (FlashDecoding's split-KV).
 Semantics, index format and positions: ``index.py``. Reference: ``reference.py``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
 from .index import SparseIndex, TokenOrder
-from .launch import on_device, runs_triton
+from .launch import on_device, runs_triton, to_device
 
 LOG2E = 1.4426950408889634
+SEGMENT_BLOCKS = 64  # key blocks per program of a split row
+BLOCK_ROWS = 128  # query rows per program (at most the index's block_m)
 
 
 @triton.jit
@@ -36,7 +45,7 @@ def _softmax_pv(acc, m_i, l_i, qk, v, qk_scale):
 @triton.jit
 def _sparse_attention_fwd(
     Q, K, V, KD, VD, O, LSE, QPOS, KPOS, BLOCKS, BLOCK_COUNT, FULL_COUNT, BLOCK_MASK, COLUMNS, COLUMN_COUNT, HEAD_MAP,
-    HEAD_ROWS,
+    HEAD_ROWS, LONG, SPLIT_ROWS, PART_ACC, PART_ML,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -45,18 +54,30 @@ def _sparse_attention_fwd(
     stride_mb, stride_mh, stride_mq,
     stride_cb, stride_ch,
     stride_nb, stride_nh,  # counts [B, H, NQ]
-    H, GROUP, MQ, MK, NQ, qk_scale,
+    H, GROUP, MQ, MK, NQ, qk_scale, SEGMENTS, SPLIT_COUNT,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_COLUMNS: tl.constexpr, HAS_HEAD_MAP: tl.constexpr, HAS_HEAD_ROWS: tl.constexpr, WRITE_LSE: tl.constexpr,
-    USE_TMA: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+    USE_TMA: tl.constexpr, HEADS_FASTEST: tl.constexpr, SKIP_LONG: tl.constexpr, SPLIT: tl.constexpr,
+    SEGMENT: tl.constexpr, SUB_M: tl.constexpr,
 ):
     # Heaviest (latest) query blocks first. With HEADS_FASTEST the heads of one query block run
     # side by side, so the heads of a GQA group read their shared key blocks while they are in L2.
-    if HEADS_FASTEST:
+    # SPLIT: program (bh, (i * SEGMENTS + s) * SUBS + sub) computes segment s of split row
+    # SPLIT_ROWS[i]. Each program takes SUB_M of the query block's BLOCK_M rows (sub-block ``sub``).
+    SUBS: tl.constexpr = BLOCK_M // SUB_M
+    if SPLIT:
         bh = tl.program_id(0)
-        qb = NQ - 1 - tl.program_id(1)
+        sub = tl.program_id(1) % SUBS
+        split_at = tl.program_id(1) // SUBS // SEGMENTS
+        seg = tl.program_id(1) // SUBS % SEGMENTS
+        qb = tl.load(SPLIT_ROWS + split_at)
+    elif HEADS_FASTEST:
+        bh = tl.program_id(0)
+        qb = NQ - 1 - tl.program_id(1) // SUBS
+        sub = tl.program_id(1) % SUBS
     else:
-        qb = NQ - 1 - tl.program_id(0)
+        qb = NQ - 1 - tl.program_id(0) // SUBS
+        sub = tl.program_id(0) % SUBS
         bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -71,7 +92,7 @@ def _sparse_attention_fwd(
     else:
         ih = h
 
-    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = qb * BLOCK_M + sub * SUB_M + tl.arange(0, SUB_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < MQ
@@ -82,19 +103,25 @@ def _sparse_attention_fwd(
 
     k_base = K + b64 * stride_kb + kvh64 * stride_kh + offs_d[None, :]
     v_base = V + b64 * stride_vb + kvh64 * stride_vh + offs_d[None, :]
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked rows stay NaN-free
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([SUB_M], -1.0e30, dtype=tl.float32)  # finite: fully masked rows stay NaN-free
+    l_i = tl.zeros([SUB_M], dtype=tl.float32)
+    acc = tl.zeros([SUB_M, HEAD_DIM], dtype=tl.float32)
 
     row = BLOCKS + b * stride_ib + ih * stride_ih + qb * stride_iq
     count_at = b * stride_nb + ih * stride_nh + qb
     n_blocks = tl.load(BLOCK_COUNT + count_at)
     n_full = tl.load(FULL_COUNT + count_at)
+    first = 0
+    if SKIP_LONG:  # a split row: the SPLIT launch computes it (this program writes zeros, overwritten)
+        n_blocks = tl.where(tl.load(LONG + qb) != 0, 0, n_blocks)
+    if SPLIT:
+        first = seg * SEGMENT
+        n_blocks = tl.minimum(n_blocks, first + SEGMENT)
     # One loop over the row's blocks, fully visible ones first; the last few (partially visible:
     # the diagonal) take a branch that masks on positions. One loop keeps the load pipeline
     # running into the diagonal block; two loops drained and refilled it (H200, 64K at 5%: 67% ->
     # 79% of cuDNN's rate, with the reciprocal epilogue below).
-    for j in range(0, n_blocks):
+    for j in range(first, n_blocks):
         start = tl.load(row + j) * BLOCK_N
         keys = start + offs_n
         k_ok = keys < MK
@@ -111,6 +138,10 @@ def _sparse_attention_fwd(
         acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk_scale)
     if HAS_COLUMNS:
         n_cols = tl.load(COLUMN_COUNT + count_at)
+        if SKIP_LONG:
+            n_cols = tl.where(tl.load(LONG + qb) != 0, 0, n_cols)
+        if SPLIT:  # the columns go with the first segment
+            n_cols = tl.where(seg == 0, n_cols, 0)
         col_row = COLUMNS + b * stride_cb + ih * stride_ch
         mask_row = BLOCK_MASK + b * stride_mb + ih * stride_mh + qb * stride_mq
         for c in range(0, n_cols, BLOCK_N):
@@ -125,14 +156,21 @@ def _sparse_attention_fwd(
             qk = tl.where((k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :], qk, float("-inf"))
             acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk_scale)
 
-    seen = (l_i > 0) & (q_pos >= 0)  # padding rows may have summed keys in full blocks: drop them
-    inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)  # one division per row, not per element
-    out = acc * inv_l[:, None]
-    tl.store(O + b64 * stride_ob + h64 * stride_oh + rows64 * stride_om + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    if WRITE_LSE:
-        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-        tl.store(LSE + bh.to(tl.int64) * MQ + offs_m, lse, mask=row_ok)
+    if SPLIT:  # partial tile, its running max and normaliser (padding rows: normaliser 0)
+        part = (bh.to(tl.int64) * SPLIT_COUNT + split_at) * SEGMENTS + seg
+        offs_r = sub * SUB_M + tl.arange(0, SUB_M)
+        tl.store(PART_ACC + part * BLOCK_M * HEAD_DIM + offs_r[:, None] * HEAD_DIM + offs_d[None, :], acc)
+        tl.store(PART_ML + part * 2 * BLOCK_M + offs_r, m_i)
+        tl.store(PART_ML + part * 2 * BLOCK_M + BLOCK_M + offs_r, tl.where(q_pos >= 0, l_i, 0.0))
+    else:
+        seen = (l_i > 0) & (q_pos >= 0)  # padding rows may have summed keys in full blocks: drop them
+        inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)  # one division per row, not per element
+        out = acc * inv_l[:, None]
+        tl.store(O + b64 * stride_ob + h64 * stride_oh + rows64 * stride_om + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None])
+        if WRITE_LSE:
+            lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+            tl.store(LSE + bh.to(tl.int64) * MQ + offs_m, lse, mask=row_ok)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: TokenOrder, index: SparseIndex,
@@ -177,12 +215,20 @@ def sparse_attention(
     num_stages: int | None = None,
     use_tma: bool | None = None,
     heads_fastest: bool = False,
+    long_rows: Sequence[int] = (),
+    segment: int | None = None,
+    block_rows: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparse causal attention. q [B, Hq, Mq, D], k/v [B, Hkv, Mk, D] (any strides with a
     contiguous last axis). On a CPU without the Triton interpreter it runs the same semantics
     in chunked torch (``reference.chunked_sparse_attention``). Returns [B, Mq, Hq, D] (the layout transformers' attention functions
     return), or write into ``out`` of that shape; with ``return_lse`` also the natural-log
-    log-sum-exp [B, Hq, Mq] in float32 (-inf for rows that see nothing), for merging partials."""
+    log-sum-exp [B, Hq, Mq] in float32 (-inf for rows that see nothing), for merging partials.
+    ``long_rows``: query blocks (host ints) whose rows are split into programs of ``segment``
+    key blocks each (default ``SEGMENT_BLOCKS``); the result is the same, only the work is spread
+    (see the module docstring). ``block_rows``: query rows per program, a divisor of the index's
+    ``block_m`` (default ``BLOCK_ROWS``, capped at ``block_m``): smaller tiles fit two programs on
+    an SM, which hides the memory latency of short rows."""
     _check(q, k, v, order, index, head_map)
     if not runs_triton(q):
         if return_lse:
@@ -199,13 +245,20 @@ def sparse_attention(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     nq = order.num_q_blocks
     bi, bm, cc, nc = index.blocks, index.block_mask, index.columns, index.block_count
+    segment = SEGMENT_BLOCKS if segment is None else segment
+    segments = -(-bi.shape[-1] // segment)
+    split = sorted({r for r in long_rows if 0 <= r < nq}) if segments > 1 else []
 
     def hstride(t: torch.Tensor, axis: int = 1) -> int:
         return 0 if t.shape[axis] == 1 else t.stride(axis)
 
     has_cols = cc.shape[-1] > 0
+    sub_m = min(index.block_m, BLOCK_ROWS if block_rows is None else block_rows)
+    if index.block_m % sub_m or sub_m < 16 or sub_m & (sub_m - 1):
+        raise ValueError(f"block_rows must be a power of two >= 16 dividing block_m={index.block_m}; got {sub_m}")
+    subs = index.block_m // sub_m
     if num_warps is None:
-        num_warps = 8 if index.block_m * index.block_n >= 128 * 64 and q.is_cuda else 4
+        num_warps = 8 if sub_m * index.block_n >= 128 * 64 and q.is_cuda else 4
     if num_stages is None:
         num_stages = 3 if q.is_cuda else 1
     if use_tma is None:
@@ -216,11 +269,18 @@ def sparse_attention(
 
         kd = TensorDescriptor.from_tensor(k, [1, 1, index.block_n, d])
         vd = TensorDescriptor.from_tensor(v, [1, 1, index.block_n, d])
-    grid = (bsz * hq, nq) if heads_fastest else (nq, bsz * hq)
-    with on_device(q):
+    flags = split_rows = part_acc = part_ml = nc  # placeholders for pointers a launch does not read
+    if split:
+        flags = to_device([int(r in split) for r in range(nq)], q.device, torch.int8)
+        split_rows = to_device(split, q.device, torch.int32)
+        part_acc = torch.empty((bsz * hq, len(split), segments, index.block_m, d), dtype=torch.float32, device=q.device)
+        part_ml = torch.empty((bsz * hq, len(split), segments, 2, index.block_m), dtype=torch.float32, device=q.device)
+
+    def launch(grid: tuple[int, int], skip_long: bool, split_launch: bool) -> None:
         _sparse_attention_fwd[grid](
             q, k, v, kd, vd, out, lse, order.q_pos, order.k_pos, bi, nc, index.full_count, bm, cc, index.column_count,
             head_map if head_map is not None else nc, index.head_rows if index.head_rows is not None else nc,
+            flags, split_rows, part_acc, part_ml,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -229,10 +289,41 @@ def sparse_attention(
             bm.stride(0), hstride(bm), bm.stride(2),
             cc.stride(0), hstride(cc),
             nc.stride(0), hstride(nc),
-            hq, max(1, hq // hkv), mq, mk, nq, scale * LOG2E,
+            hq, max(1, hq // hkv), mq, mk, nq, scale * LOG2E, segments, max(1, len(split)),
             HEAD_DIM=d, BLOCK_M=index.block_m, BLOCK_N=index.block_n,
             HAS_COLUMNS=has_cols, HAS_HEAD_MAP=head_map is not None, HAS_HEAD_ROWS=index.head_rows is not None,
-            WRITE_LSE=return_lse,
-            USE_TMA=use_tma, HEADS_FASTEST=heads_fastest, num_warps=num_warps, num_stages=num_stages,
+            WRITE_LSE=return_lse, USE_TMA=use_tma, HEADS_FASTEST=heads_fastest,
+            SKIP_LONG=skip_long, SPLIT=split_launch, SEGMENT=segment, SUB_M=sub_m, num_warps=num_warps,
+            num_stages=num_stages,
         )
+
+    with on_device(q):
+        launch((bsz * hq, nq * subs) if heads_fastest else (nq * subs, bsz * hq), bool(split), False)
+        if split:
+            launch((bsz * hq, len(split) * segments * subs), False, True)
+    if split:
+        _merge_segments(part_acc, part_ml, split, index.block_m, out, lse if return_lse else None)
     return (out, lse) if return_lse else out
+
+
+def _merge_segments(part_acc: torch.Tensor, part_ml: torch.Tensor, split: list[int], block_m: int,
+                    out: torch.Tensor, lse: torch.Tensor | None) -> None:
+    """Combine the split rows' partial tiles ([B*Hq, R, S, BM, D], max and normaliser [.., 2, BM],
+    maxima in log2 units) into ``out`` [B, Mq, Hq, D] (and ``lse`` [B, Hq, Mq]): a handful of
+    tensor ops over all split rows and heads at once, nothing read back."""
+    bsz, mq, hq, d = out.shape
+    m, l_ = part_ml[:, :, :, 0], part_ml[:, :, :, 1]
+    top = m.amax(2, keepdim=True)
+    w = torch.exp2(m - top)  # [BH, R, S, BM]
+    norm = (l_ * w).sum(2)  # [BH, R, BM]
+    acc = torch.einsum("brsmd,brsm->brmd", part_acc, w)
+    merged = torch.where(norm[..., None] > 0, acc / norm.clamp(min=1e-30)[..., None], 0.0)
+    rows = [r * block_m + i for r in split for i in range(block_m)]
+    keep = [j for j, row in enumerate(rows) if row < mq]  # the last block may be short
+    keep_t = to_device(keep, out.device, torch.long)
+    rows_t = to_device([rows[j] for j in keep], out.device, torch.long)
+    merged = merged.view(bsz, hq, -1, d).index_select(2, keep_t)  # [B, H, rows, D]
+    out.index_copy_(1, rows_t, merged.transpose(1, 2).to(out.dtype))
+    if lse is not None:
+        rows_lse = torch.where(norm > 0, (top[:, :, 0] + torch.log2(norm.clamp(min=1e-30))) / LOG2E, float("-inf"))
+        lse.index_copy_(2, rows_t, rows_lse.view(bsz, hq, -1).index_select(2, keep_t))

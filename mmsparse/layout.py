@@ -12,6 +12,8 @@ from typing import Literal
 
 import torch
 
+from .kernels.launch import to_device
+
 Modality = Literal["text", "video", "image"]
 MODALITY_CODES: dict[str, int] = {"text": 0, "video": 1, "image": 2}
 
@@ -110,6 +112,21 @@ class TokenLayout:
     def video_spans(self) -> tuple[Span, ...]:
         return tuple(s for s in self.spans if s.modality == "video")
 
+    def visual_tail(self, count: int) -> range:
+        """Positions of the last ``count`` (at most) visual tokens that run consecutively up to the
+        last visual token (empty without visual tokens). From the spans: no device work."""
+        stop = start = None
+        for span in reversed(self.spans):
+            if not span.is_visual:
+                if stop is None:
+                    continue
+                break
+            stop = span.end if stop is None else stop
+            start = max(span.start, stop - count)
+            if start > span.start:
+                break
+        return range(0) if stop is None else range(start, stop)
+
     def num_tokens(self, modality: Modality) -> int:
         return sum(s.length for s in self.spans if s.modality == modality)
 
@@ -117,7 +134,7 @@ class TokenLayout:
         """LongTensor [seq_len]: 0 text, 1 video, 2 image (``MODALITY_CODES``)."""
         lengths = torch.tensor([s.length for s in self.spans])
         codes = torch.tensor([MODALITY_CODES[s.modality] for s in self.spans])
-        return torch.repeat_interleave(codes, lengths).to(device)
+        return to_device(torch.repeat_interleave(codes, lengths), device)  # no stream sync: read per layer
 
     def frame_ids(self, device: torch.device | str | None = None) -> torch.Tensor:
         """LongTensor [seq_len]: frame number (counted across all visual spans), -1 elsewhere."""

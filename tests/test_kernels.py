@@ -94,9 +94,10 @@ def random_index(order, heads, *, density=0.5, n_cols=0, seed=0):
     return compile_block_mask(mask, order, cols.view(b, heads, n_cols).to(DEVICE), counts.to(DEVICE))
 
 
-def check_kernel(q, k, v, index, order, *, head_map=None, out=None, scale=None):
+def check_kernel(q, k, v, index, order, *, head_map=None, out=None, scale=None, **launch):
     """Kernel (with LSE) vs ``reference_sparse_attention`` on the same inputs; returns (out, lse)."""
-    res, lse = sparse_attention(q, k, v, index, order, head_map=head_map, out=out, scale=scale, return_lse=True)
+    res, lse = sparse_attention(q, k, v, index, order, head_map=head_map, out=out, scale=scale, return_lse=True,
+                                **launch)
     ref, ref_lse = reference_sparse_attention(q, k, v, index, order, head_map=head_map, scale=scale)
     b, hq, mq, d = q.shape
     assert res.shape == (b, mq, hq, d) and res.dtype == q.dtype
@@ -141,10 +142,15 @@ KERNEL_CASES = [
 ]
 
 
+@pytest.mark.parametrize("split,half", [(False, False), (True, False), (True, True)],
+                         ids=["rows", "split-rows", "split-half-blocks"])
 @pytest.mark.parametrize("b,hq,hkv,shape,q_lens,kv_lens,d,blocks,n_cols,index_heads,head_map,dtype,use_out,scale",
                          KERNEL_CASES)
 def test_kernel_matches_reference(b, hq, hkv, shape, q_lens, kv_lens, d, blocks, n_cols, index_heads, head_map,
-                                  dtype, use_out, scale):
+                                  dtype, use_out, scale, split, half):
+    """Every case, and again with every other query block's row (the last included) split into
+    programs of two key blocks each (``long_rows``): the merged partials are the same attention;
+    and again with programs of half a query block (``block_rows``, where that is >= 16 rows)."""
     mq, mk = shape
     q, k, v = qkv(b, hq, hkv, mq, mk, d, dtype, seed=mq * 7 + mk)
     order = causal_order(mq, mk, *blocks, q_lens, kv_lens, batch=b)
@@ -160,7 +166,13 @@ def test_kernel_matches_reference(b, hq, hkv, shape, q_lens, kv_lens, d, blocks,
     out = None
     if use_out:  # a strided [B, Mq, Hq, D] view, poisoned: every row must be written
         out = torch.full((b, hq, mq, d), float("nan"), dtype=dtype, device=DEVICE).transpose(1, 2)
-    res, _ = check_kernel(q, k, v, index, order, head_map=hm, out=out, scale=scale)
+    launch = {}
+    if split:
+        assert index.blocks.shape[-1] > 2 or mq == 1, "the case must split some row"
+        launch = dict(long_rows=range(order.num_q_blocks - 1, -1, -2), segment=2)
+    if half:
+        launch["block_rows"] = max(16, blocks[0] // 2)
+    res, _ = check_kernel(q, k, v, index, order, head_map=hm, out=out, scale=scale, **launch)
     if use_out:
         assert res is out
 
@@ -200,8 +212,13 @@ def test_shared_index_rows_read_through_head_rows():
     torch.testing.assert_close(sparse_attention(q, k, v, shared, order).float(),
                                sparse_attention(q, k, v, copied, order).float(), atol=1e-6, rtol=1e-6)
     assert shared.computed_pairs() == copied.computed_pairs()
-    with pytest.raises(ValueError, match="head_rows"):
-        compile_block_mask(rows.block_mask, order, head_rows=torch.tensor([0, 2, 1, 1]))
+    from_host = compile_block_mask(rows.block_mask, order, rows.columns, rows.column_count, head_rows=[1, 0, 1, 1])
+    assert from_host.head_rows.device == shared.head_rows.device and torch.equal(from_host.head_rows, shared.head_rows)
+    for bad in (torch.tensor([0, 2, 1, 1]), [0, -1, 1, 1], torch.tensor([0, 2, 1, 1], device=DEVICE)):
+        with pytest.raises(ValueError, match="head_rows"):
+            compile_block_mask(rows.block_mask, order, head_rows=bad)
+    with pytest.raises(ValueError, match="block_rows"):  # a program's rows must tile the query block
+        sparse_attention(q, k, v, shared, order, block_rows=12)
 
 
 def test_rows_of_another_index_appended_for_some_heads():
@@ -347,6 +364,12 @@ def test_compile_block_mask(permuted):
         q, k, v = qkv(2, 3, 1, 75, 75, 16, seed=21)
         check_kernel(q, k, v, index, order)
     assert index.density(order) == pytest.approx(float(counts.sum()) / (3 * float(vis.sum())))
+    wide = compile_block_mask(mask, order, full_width=True)  # NK slots, nothing read back: same listing
+    assert wide.blocks.shape[-1] == order.num_k_blocks
+    assert torch.equal(wide.blocks[..., : index.blocks.shape[-1]], index.blocks)
+    assert torch.equal(wide.block_count, index.block_count) and torch.equal(wide.full_count, index.full_count)
+    if permuted:
+        check_kernel(q, k, v, wide, order)
     assert dense_index(order).density(order) == 1.0
     assert dense_index(order, heads=3).density(order) == 1.0
 

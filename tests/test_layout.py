@@ -79,6 +79,30 @@ def test_modality_and_frame_ids():
     assert layout.to_dict()["spans"][1]["tokens_per_frame"] == 4
 
 
+def test_visual_tail_is_the_last_consecutive_visual_run():
+    """The rows a vertical-slash estimate reads, from the spans alone: up to ``count`` visual
+    positions running up to the last visual token (an image right before a video joins the run)."""
+    def layout(*spans: tuple[str, int, int], n: int) -> TokenLayout:
+        return TokenLayout.from_spans(n, [Span(m, a, b) for m, a, b in spans])
+
+    def brute(lay: TokenLayout, count: int) -> list[int]:
+        visual = (lay.modality_ids() != 0).tolist()
+        rows = []
+        for r in range(len(visual) - 1, -1, -1):
+            if visual[r] and (not rows or r == rows[0] - 1) and len(rows) < count:
+                rows.insert(0, r)
+            elif rows:
+                break
+        return rows
+
+    cases = [layout(("video", 3, 12), n=15), layout(("video", 3, 100), n=110), layout(("video", 0, 40), n=40),
+             layout(("image", 5, 20), ("video", 20, 30), n=33), layout(("video", 2, 50), ("image", 60, 70), n=80),
+             layout(n=9)]
+    for lay in cases:
+        for count in (1, 8, 64):
+            assert list(lay.visual_tail(count)) == brute(lay, count)
+
+
 def test_layout_rejects_inconsistent_spans():
     with pytest.raises(ValueError):
         Span("video", 0, 4, frame_starts=(2,), frame_lengths=(4,))

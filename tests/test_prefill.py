@@ -28,6 +28,7 @@ import mmsparse  # noqa: E402
 from mmsparse.config import PrefillConfig, SparseConfig  # noqa: E402
 from mmsparse.errors import ConfigError  # noqa: E402
 from mmsparse.kernels.reference import index_token_mask, masked_attention, reference_sparse_attention  # noqa: E402
+from mmsparse.kernels.launch import runs_triton  # noqa: E402
 from mmsparse.kernels.sparse_attention import sparse_attention  # noqa: E402
 from mmsparse.layout import Span, TokenLayout  # noqa: E402
 from mmsparse.loading import TOY_MODEL  # noqa: E402
@@ -753,6 +754,52 @@ def test_fixed_plans_that_read_no_input_are_built_once_per_request(monkeypatch, 
     assert [p.labels for p in builds] == [list(labels) for labels in expected]
     assert [r["layer"] for r in request.stats.layers] == [0, 1, 2, 3]
     assert all(r["index_s"] >= 0 and r["attention_s"] > 0 for r in request.stats.layers)
+
+
+def test_long_text_rows_are_split_and_change_nothing(monkeypatch):
+    """Query blocks of text whose causal row outgrows the kernel's segment (the system prompt's
+    are short; the trailing question's are long) are split across programs in both the natural
+    and the grid launch, and the layer is still exactly the plan's masked attention."""
+    import mmsparse.kernels.sparse_attention as kernel
+
+    monkeypatch.setattr(kernel, "SEGMENT_BLOCKS", 2)
+    merges = _record_returns(monkeypatch, kernel, "_merge_segments")
+    layout = _video_layout(pre=20, frames=16, per_frame=16, post=14)  # text in blocks 0-1 and 17-18 of 16
+    assert selection.long_text_rows(layout, layout.seq_len, 16) == (17, 18)
+    assert selection.long_text_rows(layout, layout.seq_len, 16, permuted=True) == (0, 1, 17, 18)
+    labels = ("dense", "vertical_slash:250/512", "grid:2F", "a_shape:128")
+    q, k, v = _grid_qkv(layout, seed=9)
+    used = _record_returns(monkeypatch, prefill_attention, "_layer_plan")
+    out, _ = sparse_prefill_attention(q, k, v, PrefillRequest(layout, PrefillConfig(
+        min_length=0, block_size=16, gamma=0.9, max_density=1.0), plans={0: labels}), layer=0, scaling=None)
+    (plan,) = used
+    assert plan.long_rows == (17, 18) and plan.grid_long_rows == (0, 1, 17, 18)
+    assert len(merges) == (2 if runs_triton(q) else 0)
+    ref, _ = masked_attention(q, k, v, _plan_token_mask(plan, 4))
+    torch.testing.assert_close(out, ref, **KERNEL)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="host-device syncs exist on CUDA only (torch.cuda.set_sync_debug_mode)")
+def test_fixed_plan_layers_read_nothing_back_from_the_gpu():
+    """Once a request's first layer has built the shared part of a fixed plan, a layer with
+    dense, vertical-slash, grid and A-shape heads runs without one host-device sync: a read-back
+    drains the GPU's queue, which then idles while the host builds the rest of the index."""
+    layout = _video_layout(pre=20, frames=16, per_frame=16, post=14)
+    labels = ("dense", "vertical_slash:250/512", "grid:2F", "a_shape:128")
+    cfg = PrefillConfig(min_length=0, block_size=16, gamma=0.9, max_density=1.0)
+    request = PrefillRequest(layout, cfg, plans={0: labels, 1: labels})
+    q, k, v = _grid_qkv(layout, seed=5)
+    first, _ = sparse_prefill_attention(q, k, v, request, layer=0, scaling=None)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):  # the mode does catch a read-back
+            float(q.sum())
+        second, _ = sparse_prefill_attention(q, k, v, request, layer=1, scaling=None)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(second, first)
+    assert [r["layer"] for r in request.stats.layers] == [0, 1] and request.stats.layers[1]["density"] > 0
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,8 @@ class PrefillStats:
 
     def add_layer(self, record: dict, marks: tuple) -> None:
         """Record a layer; ``marks`` (start, indexed, done) are CUDA events or perf_counter
-        seconds. Events are read when the stats are (one sync then, none in the forward)."""
+        seconds, and a tensor ``record["density"]`` is still on the device. Both are read when the
+        stats are (one sync then, none in the forward)."""
         self._layers.append(record)
         self._pending.append((record, marks))
 
@@ -50,6 +51,7 @@ class PrefillStats:
                 record["attention_s"] = indexed.elapsed_time(done) / 1e3
             else:
                 record["index_s"], record["attention_s"] = indexed - start, done - indexed
+            record["density"] = float(record["density"])
         self._pending.clear()
         return self._layers
 
@@ -175,7 +177,8 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
         # Heads side by side: a plan's heads share few short rows (A-shape), so the 7 heads of a
         # GQA group read the same key blocks while they are in L2 (H200, 128K, 28 A-shape-128
         # heads: 2.9 ms vs 4.6 ms in query-block order).
-        out = sparse_attention(query, key, value, plan.natural, plan.order, scale=scaling, heads_fastest=True)
+        out = sparse_attention(query, key, value, plan.natural, plan.order, scale=scaling, heads_fastest=True,
+                               long_rows=plan.long_rows)
         if dense is not None:  # their natural rows are empty: fill them from SDPA, one KV head per query head
             kv_of = dense // group
             od = F.scaled_dot_product_attention(query.index_select(1, dense), key.index_select(1, kv_of),
@@ -186,10 +189,11 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
         qg = query.index_select(1, heads).index_select(2, plan.perm)
         kg, vg = key.index_select(2, plan.perm), value.index_select(2, plan.perm)
         og = sparse_attention(qg, kg, vg, plan.grid, plan.grid_order, scale=scaling,
-                              head_map=(heads // group).to(torch.int32), heads_fastest=True)
+                              head_map=(heads // group).to(torch.int32), heads_fastest=True,
+                              long_rows=plan.grid_long_rows)
         out[:, :, heads] = og.index_select(1, plan.inverse)
     request.stats.add_layer({
-        "layer": layer, "density": plan.density, "kinds": plan.kinds, "budgets": plan.budgets, "labels": plan.labels,
+        "layer": layer, "density": plan.density_t, "kinds": plan.kinds, "budgets": plan.budgets, "labels": plan.labels,
         "recall": plan.recall, "error": plan.error}, (started, indexed, _mark(query.device)))
     return out, None
 

@@ -23,6 +23,7 @@ import torch
 
 from ..layout import TokenLayout
 from ..kernels.index import SparseIndex, TokenOrder, compile_block_mask, with_rows_of
+from ..kernels.launch import to_device
 from ..kernels.patterns import band_mask, block_topk_mask, diagonal_sums, pooled_block_scores, slash_block_mask
 from ..kernels.permute import grid_permutation, inverse_permutation, permuted_order
 
@@ -51,7 +52,7 @@ class Candidate:
     error: torch.Tensor  # [H] relative output error on the sampled rows
     cost: torch.Tensor  # [H]
     columns: torch.Tensor | None = None  # [H, C] for vertical-slash
-    heads: torch.Tensor | None = None  # the query heads of the per-head rows (a fixed plan builds only those)
+    heads: tuple[int, ...] | None = None  # the query heads of the per-head rows (a fixed plan builds only those)
 
 
 @dataclass
@@ -59,13 +60,13 @@ class LayerPlan:
     """What one layer computes: per-head kinds, the natural-order index for the sparse heads,
     the permuted index for the grid heads (if any), and the dense heads, which run through
     dense causal SDPA (cuDNN on Hopper: faster on full rows than any block-sparse kernel);
-    grid and dense heads have empty rows in the natural index."""
+    grid and dense heads have empty rows in the natural index. Building a fixed plan reads
+    nothing back from the device (``density_t`` stays there until ``density`` is read)."""
 
     kinds: list[str]
     budgets: list[str]
     recall: list[float]  # estimated kept mass per head (sampled rows)
     error: list[float]  # estimated relative output error per head (sampled rows)
-    density: float  # query-key pairs computed (whole blocks, columns) / causal pairs, all heads
     natural: SparseIndex
     order: TokenOrder
     grid_heads: torch.Tensor | None = None
@@ -76,6 +77,14 @@ class LayerPlan:
     dense_heads: torch.Tensor | None = None
     labels: list[str] = field(default_factory=list)
     table: dict = field(default_factory=dict)  # every candidate's per-head recall, error and cost
+    density_t: torch.Tensor | None = None  # 0-dim, on the device: see ``density``
+    long_rows: tuple[int, ...] = ()  # natural query blocks the kernel splits (``long_text_rows``)
+    grid_long_rows: tuple[int, ...] = ()  # permuted ones (every text block: see ``long_text_rows``)
+
+    @property
+    def density(self) -> float:
+        """Query-key pairs computed (whole blocks, columns) / causal pairs, all heads."""
+        return float(self.density_t)
 
     def nbytes(self) -> int:
         """Device memory the plan's indices and permutation hold."""
@@ -233,11 +242,12 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
     if "vertical_slash" in cfg.kinds:
         budgets = [(c, d) for c, d in VERTICAL_SLASH if want(f"vertical_slash:{c}/{d}")]
         if budgets:
-            heads = None if wanted is None else torch.tensor(
-                [h for h, lab in enumerate(cfg.forced) if lab.startswith("vertical_slash:")], device=dev)
-            question = torch.arange(layout.question_start, n, device=dev)[-64:]
-            _vertical_slash_candidates(q, k, v[0], visual, question, order, n, cfg, add, visible, video_blocks,
-                                       budgets, stats, heads)
+            heads = None if wanted is None else tuple(
+                h for h, lab in enumerate(cfg.forced) if lab.startswith("vertical_slash:"))
+            question = torch.arange(max(layout.question_start, n - 64), n, device=dev)
+            tail = layout.visual_tail(64)
+            _vertical_slash_candidates(q, k, v[0], range(tail.start, min(tail.stop, n)), question, order, n, cfg, add,
+                                       visible, video_blocks, budgets, stats, heads)
     spans = [(s.start, s.num_frames, s.tokens_per_frame) for s in layout.video_spans if s.tokens_per_frame and s.num_frames > 1]
     grid_ctx = None
     mults = [m for m in GRID_BANDS if want(f"grid:{m}F")]
@@ -255,32 +265,56 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
         for mult, mask in zip(mults, bands):
             add("grid", f"band={mult * frames}", f"{mult}F", mask[None], row_stats=pstats, cost_rows=pvideo,
                 vis=pvisible[0])
-    return _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg)
+    plan = _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg)
+    plan.long_rows = long_text_rows(layout, n, bs)
+    if plan.grid is not None:
+        plan.grid_long_rows = long_text_rows(layout, n, bs, permuted=True)
+    return plan
 
 
-def _vertical_slash_candidates(q, k, v, visual, question, order, n, cfg, add, visible, video_blocks, budgets,
-                               stats, heads=None):
+def long_text_rows(layout: TokenLayout, n: int, block: int, permuted: bool = False) -> tuple[int, ...]:
+    """Query blocks holding text whose causal row may be longer than the kernel's segment:
+    every sparse head computes text rows densely, so a trailing question's block would be one
+    program walking every key block (``kernels.sparse_attention`` splits these rows). In the
+    natural order row r sees r + 1 key blocks; in the grid's permuted order a text block also
+    holds video rows of many frames (block 0: the first spatial position of the first frames),
+    which see far more, so every text block is split there. From the spans: no device work."""
+    from ..kernels.sparse_attention import SEGMENT_BLOCKS
+
+    rows = set()
+    for span in layout.spans:
+        if span.modality == "text" and span.start < n:
+            rows.update(range(span.start // block, (min(span.end, n) - 1) // block + 1))
+    return tuple(sorted(r for r in rows if permuted or r + 1 > SEGMENT_BLOCKS))
+
+
+def _vertical_slash_candidates(q, k, v, tail: range, question, order, n, cfg, add, visible, video_blocks, budgets,
+                               stats, heads: tuple[int, ...] | None = None):
     """MInference's estimate: columns by the attention summed over the trailing question rows
-    (``question``, the keys the answer reads) and the last 64 video rows; diagonals by the last
-    video rows' attention summed along each diagonal (consecutive rows, so one strided view),
-    the nearest diagonals first. When scoring, recall counts column mass outside the chosen
-    blocks once. With ``heads`` (a fixed plan) only those query heads are estimated: at
-    512K tokens the estimate of all 28 heads holds several GB of float32 scores."""
+    (``question``, the keys the answer reads) and the last video rows (``tail``: up to 64
+    consecutive ones, ending at the last visual token); diagonals by those rows' attention summed
+    along each diagonal (consecutive rows, so one strided view), the nearest diagonals first.
+    When scoring, recall counts column mass outside the chosen blocks once. With ``heads`` (a
+    fixed plan) only those query heads are estimated: at 512K tokens the estimate of all 28
+    heads holds several GB of float32 scores. Rows come from the layout: nothing here reads the
+    device back."""
+    if not len(tail):
+        raise ValueError("vertical-slash patterns estimate from video rows and this prompt has none; "
+                         "name another pattern for it")
     hq = q.shape[1]
-    if heads is not None:
-        kv_of = heads // (hq // k.shape[1])
-        q, k = q[:, heads], k[:, kv_of]  # one KV head per query head: plain multi-head from here
-    bs = cfg.block
     dev = q.device
-    video_rows = torch.nonzero(visual).flatten()
-    last = video_rows[-min(64, len(video_rows)):]
-    last = last[last >= last[-1] - len(last) + 1]  # the consecutive tail of the last video span
+    if heads is not None:
+        heads_t = to_device(heads, dev, torch.long)
+        kv_of = heads_t // (hq // k.shape[1])
+        q, k = q[:, heads_t], k[:, kv_of]  # one KV head per query head: plain multi-head from here
+    bs = cfg.block
+    last = torch.arange(tail.start, tail.stop, device=dev)
     p_last = _sampled_attention(q, k, last)
     v_score = p_last.sum(1)
     if len(question):
         v_score += _sampled_attention(q, k, question).sum(1)
     v_score[:, : min(cfg.sink, n)] = float("inf")
-    s_score = diagonal_sums(p_last[None], last[None].to(torch.int32))[0]
+    s_score = diagonal_sums(p_last[None], last[None].to(torch.int32), first=(tail.start,))[0]
     top_cols = v_score.topk(min(max(c for c, _ in budgets), n), -1).indices  # best first: each budget is a prefix
     for n_cols, n_diag in budgets:
         cols = top_cols[:, :n_cols].sort(-1).values  # [H, C]
@@ -306,28 +340,29 @@ def _vertical_slash_candidates(q, k, v, visual, question, order, n, cfg, add, vi
 
 
 def _shared_rows(candidates: list[Candidate], chosen: list[int], visible: torch.Tensor, text_blocks: torch.Tensor,
-                 order: TokenOrder) -> SparseIndex:
+                 order: TokenOrder, full_width: bool = False) -> SparseIndex:
     """The natural-order index of a layer with one row per distinct pattern: a head-free
     candidate (A-shape), "dense" and "grid" (both empty here: those heads run through SDPA and
     in the permuted order) take one row for all their heads; per-head candidates
-    (vertical-slash, block) one row per head. Text query blocks are dense in every other row."""
+    (vertical-slash, block) one row per head. Text query blocks are dense in every other row.
+    Which head reads which row is worked out on the host (``chosen`` is a host list)."""
     dev = visible.device
     nq = visible.shape[0]
-    masks, cols, col_counts, empty_rows = [], [], [], []
-    head_rows = torch.empty(len(chosen), dtype=torch.int32, device=dev)
-    chosen_t = torch.tensor(chosen, device=dev)
+    masks, cols, col_counts, filled = [], [], [], []
+    head_rows = [0] * len(chosen)
     width = max((candidates[c].columns.shape[1] for c in set(chosen) if c >= 0 and candidates[c].columns is not None),
                 default=0)
     for c in sorted(set(chosen)):  # a few distinct candidates, each handled for all its heads at once
-        heads = torch.nonzero(chosen_t == c).flatten()
-        first = sum(len(x) for x in masks)  # this candidate's first row
+        heads = [h for h, x in enumerate(chosen) if x == c]
+        first = len(filled)  # this candidate's first row
         cand = candidates[c] if c >= 0 else None
         per_head = cand is not None and (cand.mask.shape[0] > 1 or cand.columns is not None)
+        rows = None
         if cand is None or cand.kind == "grid":
             m = torch.zeros_like(visible)[None]
-            empty_rows.append(first)
         else:
-            rows = heads if cand.heads is None else torch.searchsorted(cand.heads, heads)
+            if cand.mask.shape[0] > 1 or cand.columns is not None:
+                rows = to_device(heads if cand.heads is None else [cand.heads.index(h) for h in heads], dev, torch.long)
             m = cand.mask[rows] if cand.mask.shape[0] > 1 else cand.mask[:1].expand(len(heads) if per_head else 1, -1, -1)
         count = torch.zeros((len(m), nq), dtype=torch.int32, device=dev)
         row_cols = torch.zeros((len(m), width), dtype=torch.int32, device=dev)
@@ -336,50 +371,51 @@ def _shared_rows(candidates: list[Candidate], chosen: list[int], visible: torch.
             row_cols[:, : c_heads.shape[1]] = c_heads
             count = torch.searchsorted(c_heads, order.q_max[0].expand(len(heads), -1).contiguous(),
                                        right=True).to(torch.int32)
-        head_rows[heads] = (first + torch.arange(len(heads), device=dev, dtype=torch.int32)) if per_head else first
+        for i, h in enumerate(heads):
+            head_rows[h] = first + i if per_head else first
         masks.append(m)
         cols.append(row_cols)
         col_counts.append(count)
+        filled += [cand is not None and cand.kind != "grid"] * len(m)  # empty rows stay empty
     mask = torch.cat(masks)
     dense_text = text_blocks[:, None] & visible
-    filled = torch.ones(len(mask), dtype=torch.bool, device=dev)
-    filled[empty_rows] = False
-    mask = mask | (dense_text[None] & filled[:, None, None])
+    mask = mask | (dense_text[None] & to_device(filled, dev, torch.bool)[:, None, None])
     columns = torch.cat(cols)[None] if width else None
     column_count = torch.cat(col_counts)[None] if width else None
-    return compile_block_mask(mask[None], order, columns, column_count, head_rows=head_rows)
+    return compile_block_mask(mask[None], order, columns, column_count, head_rows=head_rows, full_width=full_width)
 
 
 def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> LayerPlan:
     dev = visible.device
     chosen = [-1] * hq
     table = {"recall": [], "error": [], "cost": []}
-    if candidates:
+    if candidates and cfg.forced is None:
         recall = torch.stack([c.recall for c in candidates])  # [C, H]
         error = torch.stack([c.error for c in candidates])
         cost = torch.stack([c.cost for c in candidates])
-        if cfg.forced is None:
-            good = recall >= cfg.gamma
-            if cfg.max_error is not None:
-                good |= error <= cfg.max_error
-            ok = good & (cost <= cfg.max_density)
-            best = torch.where(ok, cost, float("inf")).argmin(0)  # [H]
-            chosen = torch.where(ok.gather(0, best[None])[0], best, -1).tolist()
+        good = recall >= cfg.gamma
+        if cfg.max_error is not None:
+            good |= error <= cfg.max_error
+        ok = good & (cost <= cfg.max_density)
+        best = torch.where(ok, cost, float("inf")).argmin(0)  # [H]
+        chosen = torch.where(ok.gather(0, best[None])[0], best, -1).tolist()
         table = {"recall": recall.tolist(), "error": error.tolist(), "cost": cost.tolist()}  # one copy each
-    if cfg.forced is not None:
+    if cfg.forced is not None:  # built, not scored: nothing to read back from the device
         chosen = _forced(candidates, cfg.forced, hq)
+        table = {name: [[math.nan] * hq for _ in candidates] for name in table}
     kinds = [candidates[c].kind if c >= 0 else "dense" for c in chosen]
     budgets = [candidates[c].budget if c >= 0 else "" for c in chosen]
     labels = [candidates[c].label if c >= 0 else "dense" for c in chosen]
     recalls = [table["recall"][c][h] if c >= 0 else 1.0 for h, c in enumerate(chosen)]
     errors = [table["error"][c][h] if c >= 0 else 0.0 for h, c in enumerate(chosen)]
     grid_heads = [h for h, kind in enumerate(kinds) if kind == "grid"]
-    natural = _shared_rows(candidates, chosen, visible, text_blocks, order)
-    plan = LayerPlan(kinds, budgets, recalls, errors, 0.0, natural, order, labels=labels)
+    # A fixed plan is built per layer during the prefill: full-width rows need no read-back.
+    natural = _shared_rows(candidates, chosen, visible, text_blocks, order, full_width=cfg.forced is not None)
+    plan = LayerPlan(kinds, budgets, recalls, errors, natural, order, labels=labels)
     plan.table = {c.label: {name: values[i] for name, values in table.items()} for i, c in enumerate(candidates)}
     dense_heads = [h for h, c in enumerate(chosen) if c < 0]
     if dense_heads:
-        plan.dense_heads = torch.tensor(dense_heads, device=dev)
+        plan.dense_heads = to_device(dense_heads, dev, torch.long)
     if grid_heads and grid_ctx is not None:
         perm, porder, inverse = grid_ctx
         pvisible, _ = porder.block_visibility()
@@ -389,21 +425,22 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> Lay
         # those rows stay dense.
         masks = torch.stack([candidates[c].mask[0] for c in grid_chosen])[None]
         masks = masks | (text_blocks[:, None] & pvisible[0])[None, None]
-        rows = torch.tensor([grid_chosen.index(chosen[h]) for h in grid_heads], dtype=torch.int32, device=dev)
-        plan.grid = compile_block_mask(masks, porder, head_rows=rows)
-        plan.grid_heads = torch.tensor(grid_heads, device=dev)
+        rows = [grid_chosen.index(chosen[h]) for h in grid_heads]
+        plan.grid = compile_block_mask(masks, porder, head_rows=rows, full_width=cfg.forced is not None)
+        plan.grid_heads = to_device(grid_heads, dev, torch.long)
         plan.grid_order, plan.perm, plan.inverse = porder, perm, inverse
-    plan.density = _density(plan)
+    plan.density_t = _density(plan)
     return plan
 
 
-def _density(plan: LayerPlan) -> float:
-    """Query-key pairs the plan computes (sparse rows, dense heads, grid rows) / causal pairs."""
+def _density(plan: LayerPlan) -> torch.Tensor:
+    """Query-key pairs the plan computes (sparse rows, dense heads, grid rows) / causal pairs, as
+    a 0-dim tensor on the device (read when the stats are)."""
     n = plan.order.q_pos.shape[1]
     causal_pairs = n * (n + 1) / 2
-    computed = plan.natural.computed_pairs() + (0 if plan.dense_heads is None else len(plan.dense_heads)) * causal_pairs
+    computed = plan.natural.pairs() + (0 if plan.dense_heads is None else len(plan.dense_heads)) * causal_pairs
     if plan.grid is not None:
-        computed += plan.grid.computed_pairs()
+        computed = computed + plan.grid.pairs()
     return computed / (len(plan.kinds) * causal_pairs)
 
 
@@ -412,7 +449,7 @@ def with_estimated_heads(base: LayerPlan, estimated: LayerPlan, heads: list[int]
     (``base``, shared by every layer with the same plan), completed by ``estimated``: a plan of
     this layer where only those heads are estimated from its Q and K. Their rows are appended to
     the base's; nothing else is rebuilt."""
-    moved = torch.tensor(heads, device=base.natural.blocks.device)
+    moved = to_device(heads, base.natural.blocks.device, torch.long)
     plan = copy.copy(base)
     plan.natural = with_rows_of(base.natural, estimated.natural, moved)
     for name in ("kinds", "budgets", "labels", "recall", "error"):
@@ -421,8 +458,8 @@ def with_estimated_heads(base: LayerPlan, estimated: LayerPlan, heads: list[int]
             values[h] = getattr(estimated, name)[h]
         setattr(plan, name, values)
     dense = [h for h, kind in enumerate(plan.kinds) if kind == "dense"]  # from the lists: no device sync
-    plan.dense_heads = torch.tensor(dense, device=moved.device) if dense else None
+    plan.dense_heads = to_device(dense, moved.device, torch.long) if dense else None
     plan.table = {**base.table, **estimated.table}
-    plan.density = _density(plan)
+    plan.density_t = _density(plan)
     return plan
 
