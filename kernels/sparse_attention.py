@@ -42,7 +42,9 @@ def _softmax_pv(acc, m_i, l_i, qk, v, qk_scale):
     return acc, m_new, l_i
 
 
-@triton.jit
+# Segment counts change with the prompt length: specialising on their values (divisibility by
+# 16) would recompile the kernel at new lengths in the middle of a prefill.
+@triton.jit(do_not_specialize=["SEGMENTS", "SPLIT_COUNT"])
 def _sparse_attention_fwd(
     Q, K, V, KD, VD, O, LSE, QPOS, KPOS, BLOCKS, BLOCK_COUNT, FULL_COUNT, BLOCK_MASK, COLUMNS, COLUMN_COUNT, HEAD_MAP,
     HEAD_ROWS, LONG, SPLIT_ROWS, PART_ACC, PART_ML,
