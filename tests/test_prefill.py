@@ -990,3 +990,18 @@ def test_several_visual_spans_in_one_prompt_match_the_reference_of_their_plan(mo
     block_has_text = torch.nn.functional.pad(text_rows, (0, 6)).view(-1, 16).any(-1).repeat_interleave(16)[:330]
     assert (tokens[:, block_has_text] == causal[block_has_text]).all()
     assert (tokens != causal).any()  # and some visual row is sparse
+
+
+def test_profile_counts_gpu_busy_time_once_and_names_kernels():
+    """The prefill profiler's busy time is the union of kernel intervals (overlaps counted once,
+    gaps not at all: wall minus busy is GPU idle time), and kernels fall in the right category."""
+    from mmsparse.eval.profile_prefill import busy_ms, category
+
+    assert busy_ms([(0, 1000), (500, 1500), (3000, 4000), (3100, 3200)]) == pytest.approx(2.5)
+    assert busy_ms([]) == 0.0
+    assert category("_sparse_attention_fwd") == "sparse_attn"
+    assert category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "sdpa"
+    assert category("nvjet_sm90_tst_192x192_64x4_1x2_h_bz_coopB_TNN") == "gemm"
+    assert category("triton_poi_fused_add_cat_mul_neg_slice") == "inductor"
+    assert category("void at::native::vectorized_elementwise_kernel<8, CUDAFunctor_add>") == "aten_pointwise"
+    assert category("Memset (Device)") == "other"
