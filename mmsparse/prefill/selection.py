@@ -361,7 +361,7 @@ def _shared_rows(candidates: list[Candidate], chosen: list[int], visible: torch.
         if cand is None or cand.kind == "grid":
             m = torch.zeros_like(visible)[None]
         else:
-            if cand.mask.shape[0] > 1 or cand.columns is not None:
+            if per_head:
                 rows = to_device(heads if cand.heads is None else [cand.heads.index(h) for h in heads], dev, torch.long)
             m = cand.mask[rows] if cand.mask.shape[0] > 1 else cand.mask[:1].expand(len(heads) if per_head else 1, -1, -1)
         count = torch.zeros((len(m), nq), dtype=torch.int32, device=dev)
