@@ -60,7 +60,7 @@ def _sparse_attention_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_COLUMNS: tl.constexpr, HAS_HEAD_MAP: tl.constexpr, HAS_HEAD_ROWS: tl.constexpr, WRITE_LSE: tl.constexpr,
     USE_TMA: tl.constexpr, HEADS_FASTEST: tl.constexpr, SKIP_LONG: tl.constexpr, SPLIT: tl.constexpr,
-    SEGMENT: tl.constexpr, SUB_M: tl.constexpr,
+    SEGMENT: tl.constexpr, SUB_M: tl.constexpr, TILE_N: tl.constexpr,
 ):
     # Heaviest (latest) query blocks first. With HEADS_FASTEST the heads of one query block run
     # side by side, so the heads of a GQA group read their shared key blocks while they are in L2.
@@ -95,7 +95,7 @@ def _sparse_attention_fwd(
         ih = h
 
     offs_m = qb * BLOCK_M + sub * SUB_M + tl.arange(0, SUB_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, TILE_N)  # keys per tile: an index block is BLOCK_N // TILE_N tiles
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < MQ
     rows64 = offs_m.to(tl.int64)[:, None]
@@ -124,20 +124,21 @@ def _sparse_attention_fwd(
     # running into the diagonal block; two loops drained and refilled it (H200, 64K at 5%: 67% ->
     # 79% of cuDNN's rate, with the reciprocal epilogue below).
     for j in range(first, n_blocks):
-        start = tl.load(row + j) * BLOCK_N
-        keys = start + offs_n
-        k_ok = keys < MK
-        if USE_TMA:  # the copy engine zero-fills rows past the end
-            k = KD.load([b, kvh, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-            v = VD.load([b, kvh, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-        else:
-            k = tl.load(k_base + keys[:, None] * stride_kn, mask=k_ok[:, None], other=0.0)
-            v = tl.load(v_base + keys[:, None] * stride_vn, mask=k_ok[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k))
-        if j >= n_full:
-            k_pos = tl.load(KPOS + b * MK + keys, mask=k_ok, other=2147483647)
-            qk = tl.where(k_pos[None, :] <= q_pos[:, None], qk, float("-inf"))
-        acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk_scale)
+        for t in tl.static_range(BLOCK_N // TILE_N):
+            start = tl.load(row + j) * BLOCK_N + t * TILE_N
+            keys = start + offs_n
+            k_ok = keys < MK
+            if USE_TMA:  # the copy engine zero-fills rows past the end
+                k = KD.load([b, kvh, start, 0]).reshape(TILE_N, HEAD_DIM)
+                v = VD.load([b, kvh, start, 0]).reshape(TILE_N, HEAD_DIM)
+            else:
+                k = tl.load(k_base + keys[:, None] * stride_kn, mask=k_ok[:, None], other=0.0)
+                v = tl.load(v_base + keys[:, None] * stride_vn, mask=k_ok[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(k))
+            if j >= n_full:
+                k_pos = tl.load(KPOS + b * MK + keys, mask=k_ok, other=2147483647)
+                qk = tl.where(k_pos[None, :] <= q_pos[:, None], qk, float("-inf"))
+            acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk_scale)
     if HAS_COLUMNS:
         n_cols = tl.load(COLUMN_COUNT + count_at)
         if SKIP_LONG:
@@ -146,7 +147,7 @@ def _sparse_attention_fwd(
             n_cols = tl.where(seg == 0, n_cols, 0)
         col_row = COLUMNS + b * stride_cb + ih * stride_ch
         mask_row = BLOCK_MASK + b * stride_mb + ih * stride_mh + qb * stride_mq
-        for c in range(0, n_cols, BLOCK_N):
+        for c in range(0, n_cols, TILE_N):
             at = c + offs_n
             keys = tl.load(col_row + at, mask=at < n_cols, other=0)
             in_block = tl.load(mask_row + keys // BLOCK_N, mask=at < n_cols, other=1).to(tl.int1)
@@ -220,6 +221,7 @@ def sparse_attention(
     long_rows: Sequence[int] = (),
     segment: int | None = None,
     block_rows: int | None = None,
+    key_tile: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparse causal attention. q [B, Hq, Mq, D], k/v [B, Hkv, Mk, D] (any strides with a
     contiguous last axis). On a CPU without the Triton interpreter it runs the same semantics
@@ -228,9 +230,11 @@ def sparse_attention(
     log-sum-exp [B, Hq, Mq] in float32 (-inf for rows that see nothing), for merging partials.
     ``long_rows``: query blocks (host ints) whose rows are split into programs of ``segment``
     key blocks each (default ``SEGMENT_BLOCKS``); the result is the same, only the work is spread
-    (see the module docstring). ``block_rows``: query rows per program, a divisor of the index's
-    ``block_m`` (default ``BLOCK_ROWS``, capped at ``block_m``): smaller tiles fit two programs on
-    an SM, which hides the memory latency of short rows."""
+    (see the module docstring). ``block_rows``: query rows per program, a power of two dividing
+    the index's ``block_m`` (default ``BLOCK_ROWS``, capped at ``block_m``); ``key_tile``: keys per
+    K/V tile, one dividing ``block_n`` (default ``block_n``). Smaller tiles take less shared
+    memory, so more programs may share an SM and hide the latency of short rows; 64-row
+    programs alone were slower at 128K (H100: the K/V stages, not Q, fill shared memory)."""
     _check(q, k, v, order, index, head_map)
     if not runs_triton(q):
         if return_lse:
@@ -259,8 +263,11 @@ def sparse_attention(
     if index.block_m % sub_m or sub_m < 16 or sub_m & (sub_m - 1):
         raise ValueError(f"block_rows must be a power of two >= 16 dividing block_m={index.block_m}; got {sub_m}")
     subs = index.block_m // sub_m
+    tile_n = index.block_n if key_tile is None else key_tile
+    if index.block_n % tile_n or tile_n < 16 or tile_n & (tile_n - 1):
+        raise ValueError(f"key_tile must be a power of two >= 16 dividing block_n={index.block_n}; got {tile_n}")
     if num_warps is None:
-        num_warps = 8 if sub_m * index.block_n >= 128 * 64 and q.is_cuda else 4
+        num_warps = 8 if sub_m * tile_n >= 128 * 64 and q.is_cuda else 4
     if num_stages is None:
         num_stages = 3 if q.is_cuda else 1
     if use_tma is None:
@@ -269,8 +276,8 @@ def sparse_attention(
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        kd = TensorDescriptor.from_tensor(k, [1, 1, index.block_n, d])
-        vd = TensorDescriptor.from_tensor(v, [1, 1, index.block_n, d])
+        kd = TensorDescriptor.from_tensor(k, [1, 1, tile_n, d])
+        vd = TensorDescriptor.from_tensor(v, [1, 1, tile_n, d])
     flags = split_rows = part_acc = part_ml = nc  # placeholders for pointers a launch does not read
     if split:
         flags = to_device([int(r in split) for r in range(nq)], q.device, torch.int8)
@@ -295,7 +302,8 @@ def sparse_attention(
             HEAD_DIM=d, BLOCK_M=index.block_m, BLOCK_N=index.block_n,
             HAS_COLUMNS=has_cols, HAS_HEAD_MAP=head_map is not None, HAS_HEAD_ROWS=index.head_rows is not None,
             WRITE_LSE=return_lse, USE_TMA=use_tma, HEADS_FASTEST=heads_fastest,
-            SKIP_LONG=skip_long, SPLIT=split_launch, SEGMENT=segment, SUB_M=sub_m, num_warps=num_warps,
+            SKIP_LONG=skip_long, SPLIT=split_launch, SEGMENT=segment, SUB_M=sub_m, TILE_N=tile_n,
+            num_warps=num_warps,
             num_stages=num_stages,
         )
 

@@ -143,14 +143,15 @@ KERNEL_CASES = [
 
 
 @pytest.mark.parametrize("split,half", [(False, False), (True, False), (True, True)],
-                         ids=["rows", "split-rows", "split-half-blocks"])
+                         ids=["rows", "split-rows", "split-half-tiles"])
 @pytest.mark.parametrize("b,hq,hkv,shape,q_lens,kv_lens,d,blocks,n_cols,index_heads,head_map,dtype,use_out,scale",
                          KERNEL_CASES)
 def test_kernel_matches_reference(b, hq, hkv, shape, q_lens, kv_lens, d, blocks, n_cols, index_heads, head_map,
                                   dtype, use_out, scale, split, half):
     """Every case, and again with every other query block's row (the last included) split into
     programs of two key blocks each (``long_rows``): the merged partials are the same attention;
-    and again with programs of half a query block (``block_rows``, where that is >= 16 rows)."""
+    and again with programs of half a query block and K/V tiles of half a key block
+    (``block_rows``, ``key_tile``, where that is >= 16)."""
     mq, mk = shape
     q, k, v = qkv(b, hq, hkv, mq, mk, d, dtype, seed=mq * 7 + mk)
     order = causal_order(mq, mk, *blocks, q_lens, kv_lens, batch=b)
@@ -170,8 +171,9 @@ def test_kernel_matches_reference(b, hq, hkv, shape, q_lens, kv_lens, d, blocks,
     if split:
         assert index.blocks.shape[-1] > 2 or mq == 1, "the case must split some row"
         launch = dict(long_rows=range(order.num_q_blocks - 1, -1, -2), segment=2)
-    if half:
+    if half:  # and K/V tiles of half an index block
         launch["block_rows"] = max(16, blocks[0] // 2)
+        launch["key_tile"] = max(16, blocks[1] // 2)
     res, _ = check_kernel(q, k, v, index, order, head_map=hm, out=out, scale=scale, **launch)
     if use_out:
         assert res is out
@@ -219,6 +221,8 @@ def test_shared_index_rows_read_through_head_rows():
             compile_block_mask(rows.block_mask, order, head_rows=bad)
     with pytest.raises(ValueError, match="block_rows"):  # a program's rows must tile the query block
         sparse_attention(q, k, v, shared, order, block_rows=12)
+    with pytest.raises(ValueError, match="key_tile"):
+        sparse_attention(q, k, v, shared, order, key_tile=24)
 
 
 def test_rows_of_another_index_appended_for_some_heads():
