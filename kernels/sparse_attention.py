@@ -115,7 +115,8 @@ def _sparse_attention_fwd(
     n_full = tl.load(FULL_COUNT + count_at)
     first = 0
     if SKIP_LONG:  # a split row: the SPLIT launch computes it (this program writes zeros, overwritten)
-        n_blocks = tl.where(tl.load(LONG + qb) != 0, 0, n_blocks)
+        is_long = tl.load(LONG + qb) != 0
+        n_blocks = tl.where(is_long, 0, n_blocks)
     if SPLIT:
         first = seg * SEGMENT
         n_blocks = tl.minimum(n_blocks, first + SEGMENT)
@@ -124,8 +125,9 @@ def _sparse_attention_fwd(
     # running into the diagonal block; two loops drained and refilled it (H200, 64K at 5%: 67% ->
     # 79% of cuDNN's rate, with the reciprocal epilogue below).
     for j in range(first, n_blocks):
+        block_start = tl.load(row + j) * BLOCK_N
         for t in tl.static_range(BLOCK_N // TILE_N):
-            start = tl.load(row + j) * BLOCK_N + t * TILE_N
+            start = block_start + t * TILE_N
             keys = start + offs_n
             k_ok = keys < MK
             if USE_TMA:  # the copy engine zero-fills rows past the end
@@ -142,7 +144,7 @@ def _sparse_attention_fwd(
     if HAS_COLUMNS:
         n_cols = tl.load(COLUMN_COUNT + count_at)
         if SKIP_LONG:
-            n_cols = tl.where(tl.load(LONG + qb) != 0, 0, n_cols)
+            n_cols = tl.where(is_long, 0, n_cols)
         if SPLIT:  # the columns go with the first segment
             n_cols = tl.where(seg == 0, n_cols, 0)
         col_row = COLUMNS + b * stride_cb + ih * stride_ch
@@ -280,8 +282,8 @@ def sparse_attention(
         vd = TensorDescriptor.from_tensor(v, [1, 1, tile_n, d])
     flags = split_rows = part_acc = part_ml = nc  # placeholders for pointers a launch does not read
     if split:
-        flags = to_device([int(r in split) for r in range(nq)], q.device, torch.int8)
         split_rows = to_device(split, q.device, torch.int32)
+        flags = torch.zeros(nq, dtype=torch.int8, device=q.device).index_fill_(0, split_rows.long(), 1)
         part_acc = torch.empty((bsz * hq, len(split), segments, index.block_m, d), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((bsz * hq, len(split), segments, 2, index.block_m), dtype=torch.float32, device=q.device)
 
