@@ -43,6 +43,7 @@ from mmsparse.prefill.attention import (  # noqa: E402
     sparse_prefill_attention,
 )
 from mmsparse.prefill.chunking import ChunkedAlongSequence, chunked_pointwise  # noqa: E402
+from mmsparse.prefill.dense_heads import head_slices  # noqa: E402
 from mmsparse.prefill.selection import RowStats, SelectionConfig, select  # noqa: E402
 from mmsparse.testing import synthetic_frames, tiny_llava_onevision, tiny_qwen2_5_vl  # noqa: E402
 from mmsparse.video import SamplingOptions, load_video  # noqa: E402
@@ -696,9 +697,26 @@ def test_layer_with_grid_heads_matches_the_reference_of_its_plan(monkeypatch):
 
 
 @pytest.mark.parametrize(
+    ("heads", "group", "expected"),
+    [
+        ([3], 7, (slice(3, 4), slice(0, 1))),  # one head: its KV head
+        ([7, 8, 9], 7, (slice(7, 10), slice(1, 2))),  # inside one group: one KV head, GQA
+        ([7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], 7, (slice(7, 21), slice(1, 3))),  # whole groups
+        ([5, 6, 7], 7, None),  # a run across a group boundary, not whole groups
+        ([0, 2], 2, None),  # not a run
+    ],
+)
+def test_head_slices_take_views_only_where_gqa_can_read_them(heads, group, expected):
+    assert head_slices(heads, group) == expected
+
+
+@pytest.mark.parametrize(
     "labels",
     [
         ("dense", "grid:2F", "a_shape:128", "dense"),  # dense heads of both KV heads beside sparse ones
+        ("dense", "dense", "grid:2F", "a_shape:128"),  # one KV head's whole group: views, one GQA call
+        ("a_shape:128", "dense", "dense", "grid:2F"),  # a run across two groups: gathered
+        ("grid:2F", "dense", "grid:2F", "a_shape:128"),  # grid heads not in a run: gathered, two KV heads
         ("dense",) * 4,  # a layer with nothing sparse: one GQA SDPA call
     ],
 )

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..config import PrefillConfig
 from ..layout import TokenLayout
+from .dense_heads import PendingHeads, head_slices, start_dense_heads
 
 ATTENTION_NAME = "mmsparse"
 
@@ -163,39 +164,52 @@ def _dense_reason(request: PrefillRequest, module, layer: int, query: torch.Tens
 
 
 def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: int, scaling: float | None):
+    """One layer's sparse attention: [B, N, H, D] and None, as transformers' attention functions
+    return. The dense heads (SDPA) and the grid heads (permuted rows) are computed apart and
+    written over their empty rows of the natural launch."""
     from ..kernels.sparse_attention import sparse_attention
 
     started = _mark(query.device)
     plan = _layer_plan(query, key, value, request, layer)
     indexed = _mark(query.device)
-    hq, group = query.shape[1], query.shape[1] // key.shape[1]
-    dense = plan.dense_heads
-    if dense is not None and len(dense) == hq:  # nothing sparse in this layer
+    dense = [h for h, kind in enumerate(plan.kinds) if kind == "dense"]
+    group = query.shape[1] // key.shape[1]
+    if len(dense) == query.shape[1]:  # nothing sparse in this layer
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
                                              enable_gqa=group > 1).transpose(1, 2)
     else:
+        pending = [start_dense_heads(query, key, value, dense, scaling)] if dense else []
+        if plan.grid is not None:
+            pending.append(_grid_heads(query, key, value, plan, scaling))
         # Heads side by side: a plan's heads share few short rows (A-shape), so the 7 heads of a
         # GQA group read the same key blocks while they are in L2 (H200, 128K, 28 A-shape-128
         # heads: 2.9 ms vs 4.6 ms in query-block order).
         out = sparse_attention(query, key, value, plan.natural, plan.order, scale=scaling, heads_fastest=True,
                                long_rows=plan.long_rows)
-        if dense is not None:  # their natural rows are empty: fill them from SDPA, one KV head per query head
-            kv_of = dense // group
-            od = F.scaled_dot_product_attention(query.index_select(1, dense), key.index_select(1, kv_of),
-                                                value.index_select(1, kv_of), is_causal=True, scale=scaling)
-            out[:, :, dense] = od.transpose(1, 2)
-    if plan.grid is not None:
-        heads = plan.grid_heads
-        qg = query.index_select(1, heads).index_select(2, plan.perm)
-        kg, vg = key.index_select(2, plan.perm), value.index_select(2, plan.perm)
-        og = sparse_attention(qg, kg, vg, plan.grid, plan.grid_order, scale=scaling,
-                              head_map=(heads // group).to(torch.int32), heads_fastest=True,
-                              long_rows=plan.grid_long_rows)
-        out[:, :, heads] = og.index_select(1, plan.inverse)
+        for heads in pending:  # their natural rows are empty (written as zeros): fill them
+            heads.write_into(out)
     request.stats.add_layer({
         "layer": layer, "density": plan.density_t, "kinds": plan.kinds, "budgets": plan.budgets, "labels": plan.labels,
         "recall": plan.recall, "error": plan.error}, (started, indexed, _mark(query.device)))
     return out, None
+
+
+def _grid_heads(query, key, value, plan, scaling: float | None) -> PendingHeads:
+    """The grid heads: their rows and keys permuted (frames interleaved), the sparse kernel on the
+    permuted index; the result writes the rows back to their natural places. Only the KV heads
+    the grid heads read are permuted, and a run of heads is read as a view (no gather)."""
+    from ..kernels.sparse_attention import sparse_attention
+
+    group = query.shape[1] // key.shape[1]
+    heads = [h for h, kind in enumerate(plan.kinds) if kind == "grid"]
+    kv = slice(heads[0] // group, heads[-1] // group + 1)
+    kg, vg = key[:, kv].index_select(2, plan.perm), value[:, kv].index_select(2, plan.perm)
+    head_map = (plan.grid_heads // group - kv.start).to(torch.int32)
+    run = head_slices(heads, group)
+    qg = (query[:, run[0]] if run is not None else query.index_select(1, plan.grid_heads)).index_select(2, plan.perm)
+    og = sparse_attention(qg, kg, vg, plan.grid, plan.grid_order, scale=scaling, head_map=head_map,
+                          heads_fastest=True, long_rows=plan.grid_long_rows)
+    return PendingHeads(run[0] if run is not None else plan.grid_heads, og, rows=plan.perm)
 
 
 def _layer_plan(query, key, value, request: PrefillRequest, layer: int):

@@ -1,0 +1,65 @@
+"""Heads of a sparse layer computed apart from its natural launch, and written into it after.
+
+The dense heads (exact causal SDPA) and the grid heads (the sparse kernel on permuted rows) do
+not need the layer's estimated index, so they run while it is being built; the natural launch
+writes empty rows for them, and ``PendingHeads.write_into`` fills those in. A run of heads that
+SDPA can read as views (inside one KV head's group, or whole groups) is not copied; other sets
+are gathered with ``index_select``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.launch import to_device
+
+
+def head_slices(heads: Sequence[int], group: int) -> tuple[slice, slice] | None:
+    """(query heads, KV heads) as slices when ``heads`` (sorted) are one run that a GQA call can
+    read as views: all in one KV head's group, or whole groups; None otherwise."""
+    lo, hi = heads[0], heads[-1] + 1
+    if hi - lo != len(heads):
+        return None
+    if lo // group == (hi - 1) // group:
+        return slice(lo, hi), slice(lo // group, lo // group + 1)
+    if lo % group == 0 and hi % group == 0:
+        return slice(lo, hi), slice(lo // group, hi // group)
+    return None
+
+
+@dataclass
+class PendingHeads:
+    """Some heads' output, [B, N, H_sub, D], to be written into the layer's [B, N, H, D]."""
+
+    heads: slice | torch.Tensor  # which query heads, as a slice or a device index
+    output: torch.Tensor
+    rows: torch.Tensor | None = None  # output row i belongs to row rows[i] (a permuted order)
+
+    def write_into(self, out: torch.Tensor) -> None:
+        if self.rows is None:
+            out[:, :, self.heads] = self.output
+        elif isinstance(self.heads, slice):
+            out[:, :, self.heads].index_copy_(1, self.rows, self.output)
+        else:
+            out[:, self.rows[:, None], self.heads] = self.output
+
+
+def start_dense_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: list[int],
+                      scaling: float | None) -> PendingHeads:
+    """Causal SDPA over query ``heads`` (a sorted host list) of q [B, Hq, N, D], k, v [B, Hkv, N, D]."""
+    group = query.shape[1] // key.shape[1]
+    views = head_slices(heads, group)
+    if views is not None:
+        q_heads, kv_heads = views
+        q, k, v = query[:, q_heads], key[:, kv_heads], value[:, kv_heads]
+        selected: slice | torch.Tensor = q_heads
+    else:  # one KV head per query head, gathered
+        selected = to_device(heads, query.device, torch.long)
+        kv_of = selected // group
+        q, k, v = query.index_select(1, selected), key.index_select(1, kv_of), value.index_select(1, kv_of)
+    output = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+    return PendingHeads(selected, output.transpose(1, 2))
