@@ -226,7 +226,7 @@ def _plan_token_mask(plan, hq: int) -> torch.Tensor:
     """[1, Hq, N, N] tokens each head computes, in the natural order, from the plan's indices:
     the natural index for ordinary heads, the permuted grid index mapped back for grid heads."""
     mask = index_token_mask(plan.natural, plan.order).expand(1, hq, -1, -1).clone()
-    if plan.dense_heads is not None:  # they run through SDPA: every causal pair
+    if plan.dense_heads:  # they run through SDPA: every causal pair
         n = mask.shape[-1]
         mask[:, plan.dense_heads] = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
     if plan.grid is not None:
@@ -632,7 +632,7 @@ def test_select_tiny_max_density_makes_every_head_dense():
     q, k, v = _random_qkv(layout.seq_len, seed=5)
     plan = select(q, k, v, layout, SelectionConfig(block=16, gamma=0.5, max_density=0.01))
     assert plan.kinds == ["dense"] * 4 and plan.grid is None
-    assert plan.dense_heads.tolist() == [0, 1, 2, 3]
+    assert plan.dense_heads == [0, 1, 2, 3]
     assert not plan.natural.per_head().block_mask.any()  # dense heads run through SDPA, not the index
     assert plan.natural.columns.shape[-1] == 0
     assert plan.density >= 1.0 - 1e-6  # every causal pair (whole blocks may count a little more)
@@ -730,7 +730,7 @@ def test_dense_heads_run_through_sdpa_and_match_the_reference(monkeypatch, label
     out, _ = sparse_prefill_attention(q, k, v, PrefillRequest(layout, cfg, plans={0: labels}), layer=0, scaling=None)
     (plan,) = plans
     dense = [h for h, lab in enumerate(labels) if lab == "dense"]
-    assert plan.dense_heads.tolist() == dense
+    assert plan.dense_heads == dense
     assert not plan.natural.per_head().block_mask[0, dense].any()
     ref, _ = masked_attention(q, k, v, _plan_token_mask(plan, 4))
     torch.testing.assert_close(out, ref, **KERNEL)
@@ -765,7 +765,7 @@ def test_fixed_plans_that_read_no_input_are_built_once_per_request(monkeypatch, 
         if layer >= 2:  # appended rows: the same computed pairs, dense heads and density as a whole build
             whole = real_select(q, k, v, layout, SelectionConfig(gamma=0.9, block=16, max_density=1.0, forced=estimated))
             assert torch.equal(_plan_token_mask(used[-1], 4), _plan_token_mask(whole, 4))
-            assert used[-1].dense_heads.tolist() == whole.dense_heads.tolist() == [0]
+            assert used[-1].dense_heads == whole.dense_heads == [0]
             assert used[-1].density == pytest.approx(whole.density)
     assert [p.labels for p in used] == [list(static)] * 2 + [list(estimated)] * 2
     expected = [static, base, own, own] if cache_bytes else [static, static, base, own, base, own]

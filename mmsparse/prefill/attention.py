@@ -172,7 +172,7 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
     started = _mark(query.device)
     plan = _layer_plan(query, key, value, request, layer)
     indexed = _mark(query.device)
-    dense = [h for h, kind in enumerate(plan.kinds) if kind == "dense"]
+    dense = plan.dense_heads
     group = query.shape[1] // key.shape[1]
     if len(dense) == query.shape[1]:  # nothing sparse in this layer
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,

@@ -74,7 +74,7 @@ class LayerPlan:
     grid_order: TokenOrder | None = None
     perm: torch.Tensor | None = None
     inverse: torch.Tensor | None = None
-    dense_heads: torch.Tensor | None = None
+    dense_heads: list[int] = field(default_factory=list)  # host list: SDPA reads them as views or gathers them
     labels: list[str] = field(default_factory=list)
     table: dict = field(default_factory=dict)  # every candidate's per-head recall, error and cost
     density_t: torch.Tensor | None = None  # 0-dim, on the device: see ``density``
@@ -413,9 +413,7 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> Lay
     natural = _shared_rows(candidates, chosen, visible, text_blocks, order, full_width=cfg.forced is not None)
     plan = LayerPlan(kinds, budgets, recalls, errors, natural, order, labels=labels)
     plan.table = {c.label: {name: values[i] for name, values in table.items()} for i, c in enumerate(candidates)}
-    dense_heads = [h for h, c in enumerate(chosen) if c < 0]
-    if dense_heads:
-        plan.dense_heads = to_device(dense_heads, dev, torch.long)
+    plan.dense_heads = [h for h, c in enumerate(chosen) if c < 0]
     if grid_heads and grid_ctx is not None:
         perm, porder, inverse = grid_ctx
         pvisible, _ = porder.block_visibility()
@@ -438,7 +436,7 @@ def _density(plan: LayerPlan) -> torch.Tensor:
     a 0-dim tensor on the device (read when the stats are)."""
     n = plan.order.q_pos.shape[1]
     causal_pairs = n * (n + 1) / 2
-    computed = plan.natural.pairs() + (0 if plan.dense_heads is None else len(plan.dense_heads)) * causal_pairs
+    computed = plan.natural.pairs() + len(plan.dense_heads) * causal_pairs
     if plan.grid is not None:
         computed = computed + plan.grid.pairs()
     return computed / (len(plan.kinds) * causal_pairs)
@@ -457,8 +455,7 @@ def with_estimated_heads(base: LayerPlan, estimated: LayerPlan, heads: list[int]
         for h in heads:
             values[h] = getattr(estimated, name)[h]
         setattr(plan, name, values)
-    dense = [h for h, kind in enumerate(plan.kinds) if kind == "dense"]  # from the lists: no device sync
-    plan.dense_heads = to_device(dense, moved.device, torch.long) if dense else None
+    plan.dense_heads = [h for h, kind in enumerate(plan.kinds) if kind == "dense"]
     plan.table = {**base.table, **estimated.table}
     plan.density_t = _density(plan)
     return plan
