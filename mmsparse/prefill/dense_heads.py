@@ -1,8 +1,8 @@
 """Heads of a sparse layer computed apart from its natural launch, and written into it after.
 
-The dense heads (exact causal SDPA) and the grid heads (the sparse kernel on permuted rows) do
-not need the layer's estimated index, so they run while it is being built; the natural launch
-writes empty rows for them, and ``PendingHeads.write_into`` fills those in. A run of heads that
+The dense heads (exact causal SDPA) and the grid heads (the sparse kernel on permuted rows) are
+computed on their own; the natural launch writes empty rows for them, and
+``PendingHeads.write_into`` fills those in. A run of heads that
 SDPA can read as views (inside one KV head's group, or whole groups) is not copied; other sets
 are gathered with ``index_select``.
 """
