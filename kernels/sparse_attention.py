@@ -15,6 +15,7 @@ Semantics, index format and positions: ``index.py``. Reference: ``reference.py``
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -27,6 +28,7 @@ from .launch import on_device, runs_triton, to_device
 
 LOG2E = 1.4426950408889634
 SEGMENT_BLOCKS = 64  # key blocks per program of a split row
+MIN_SEGMENT_BLOCKS = 8  # ... when too few rows are split to fill the GPU (more partial tiles to merge)
 BLOCK_ROWS = 128  # query rows per program (at most the index's block_m)
 
 
@@ -44,7 +46,7 @@ def _softmax_pv(acc, m_i, l_i, qk, v, qk_scale):
 
 # Segment counts change with the prompt length: specialising on their values (divisibility by
 # 16) would recompile the kernel at new lengths in the middle of a prefill.
-@triton.jit(do_not_specialize=["SEGMENTS", "SPLIT_COUNT"])
+@triton.jit(do_not_specialize=["SEGMENTS", "SPLIT_COUNT", "SEGMENT"])
 def _sparse_attention_fwd(
     Q, K, V, KD, VD, O, LSE, QPOS, KPOS, BLOCKS, BLOCK_COUNT, FULL_COUNT, BLOCK_MASK, COLUMNS, COLUMN_COUNT, HEAD_MAP,
     HEAD_ROWS, LONG, SPLIT_ROWS, PART_ACC, PART_ML,
@@ -56,11 +58,11 @@ def _sparse_attention_fwd(
     stride_mb, stride_mh, stride_mq,
     stride_cb, stride_ch,
     stride_nb, stride_nh,  # counts [B, H, NQ]
-    H, GROUP, MQ, MK, NQ, qk_scale, SEGMENTS, SPLIT_COUNT,
+    H, GROUP, MQ, MK, NQ, qk_scale, SEGMENTS, SPLIT_COUNT, SEGMENT,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_COLUMNS: tl.constexpr, HAS_HEAD_MAP: tl.constexpr, HAS_HEAD_ROWS: tl.constexpr, WRITE_LSE: tl.constexpr,
     USE_TMA: tl.constexpr, HEADS_FASTEST: tl.constexpr, SKIP_LONG: tl.constexpr, SPLIT: tl.constexpr,
-    SEGMENT: tl.constexpr, SUB_M: tl.constexpr, TILE_N: tl.constexpr,
+    SUB_M: tl.constexpr, TILE_N: tl.constexpr,
 ):
     # Heaviest (latest) query blocks first. With HEADS_FASTEST the heads of one query block run
     # side by side, so the heads of a GQA group read their shared key blocks while they are in L2.
@@ -231,7 +233,8 @@ def sparse_attention(
     return), or write into ``out`` of that shape; with ``return_lse`` also the natural-log
     log-sum-exp [B, Hq, Mq] in float32 (-inf for rows that see nothing), for merging partials.
     ``long_rows``: query blocks (host ints) whose rows are split into programs of ``segment``
-    key blocks each (default ``SEGMENT_BLOCKS``); the result is the same, only the work is spread
+    key blocks each (default ``SEGMENT_BLOCKS``, fewer when too few rows are split to fill the GPU:
+    ``_segment_blocks``); the result is the same, only the work is spread
     (see the module docstring). ``block_rows``: query rows per program, a power of two dividing
     the index's ``block_m`` (default ``BLOCK_ROWS``, capped at ``block_m``); ``key_tile``: keys per
     K/V tile, one dividing ``block_n`` (default ``block_n``). Smaller tiles take less shared
@@ -253,9 +256,12 @@ def sparse_attention(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     nq = order.num_q_blocks
     bi, bm, cc, nc = index.blocks, index.block_mask, index.columns, index.block_count
-    segment = SEGMENT_BLOCKS if segment is None else segment
+    split = sorted({r for r in long_rows if 0 <= r < nq})
+    if segment is None:
+        segment = _segment_blocks(bi.shape[-1], bsz * hq * len(split), q.device)
     segments = -(-bi.shape[-1] // segment)
-    split = sorted({r for r in long_rows if 0 <= r < nq}) if segments > 1 else []
+    if segments <= 1:
+        split = []
 
     def hstride(t: torch.Tensor, axis: int = 1) -> int:
         return 0 if t.shape[axis] == 1 else t.stride(axis)
@@ -300,11 +306,11 @@ def sparse_attention(
             bm.stride(0), hstride(bm), bm.stride(2),
             cc.stride(0), hstride(cc),
             nc.stride(0), hstride(nc),
-            hq, max(1, hq // hkv), mq, mk, nq, scale * LOG2E, segments, max(1, len(split)),
+            hq, max(1, hq // hkv), mq, mk, nq, scale * LOG2E, segments, max(1, len(split)), segment,
             HEAD_DIM=d, BLOCK_M=index.block_m, BLOCK_N=index.block_n,
             HAS_COLUMNS=has_cols, HAS_HEAD_MAP=head_map is not None, HAS_HEAD_ROWS=index.head_rows is not None,
             WRITE_LSE=return_lse, USE_TMA=use_tma, HEADS_FASTEST=heads_fastest,
-            SKIP_LONG=skip_long, SPLIT=split_launch, SEGMENT=segment, SUB_M=sub_m, TILE_N=tile_n,
+            SKIP_LONG=skip_long, SPLIT=split_launch, SUB_M=sub_m, TILE_N=tile_n,
             num_warps=num_warps,
             num_stages=num_stages,
         )
@@ -316,6 +322,21 @@ def sparse_attention(
     if split:
         _merge_segments(part_acc, part_ml, split, index.block_m, out, lse if return_lse else None)
     return (out, lse) if return_lse else out
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _segment_blocks(width: int, split_rows: int, device: torch.device) -> int:
+    """Key blocks per program of a split row: ``SEGMENT_BLOCKS``, or fewer when the split rows
+    (times heads) would not fill the GPU's SMs once. A grid head's two text rows at 128K made 32
+    programs of 64 blocks on 132 SMs, each walking its blocks alone."""
+    if device.type != "cuda" or split_rows == 0 or split_rows * -(-width // SEGMENT_BLOCKS) >= _sm_count(device):
+        return SEGMENT_BLOCKS
+    per_row = -(-_sm_count(device) // split_rows)  # segments per row for one wave of programs
+    return max(MIN_SEGMENT_BLOCKS, min(SEGMENT_BLOCKS, -(-width // per_row)))
 
 
 def _merge_segments(part_acc: torch.Tensor, part_ml: torch.Tensor, split: list[int], block_m: int,

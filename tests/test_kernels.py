@@ -179,6 +179,21 @@ def test_kernel_matches_reference(b, hq, hkv, shape, q_lens, kv_lens, d, blocks,
         assert res is out
 
 
+def test_split_rows_are_cut_finer_when_they_would_not_fill_the_gpu(monkeypatch):
+    """Few split rows (a grid head's two text rows) get segments short enough for one wave of
+    programs on the GPU's SMs, never under MIN_SEGMENT_BLOCKS; many keep SEGMENT_BLOCKS, and
+    off CUDA nothing changes. (The kernel cases above run any segment length.)"""
+    import mmsparse.kernels.sparse_attention as kernel
+
+    monkeypatch.setattr(kernel, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert kernel._segment_blocks(1023, 2, cuda) == 16  # 64 segments a row: 128 programs
+    assert kernel._segment_blocks(1023, 28, cuda) == kernel.SEGMENT_BLOCKS
+    assert kernel._segment_blocks(8191, 2, cuda) == kernel.SEGMENT_BLOCKS  # 256 programs already
+    assert kernel._segment_blocks(50, 2, cuda) == kernel.MIN_SEGMENT_BLOCKS
+    assert kernel._segment_blocks(1023, 2, torch.device("cpu")) == kernel.SEGMENT_BLOCKS
+
+
 def test_head_map_is_used():
     """head_map must change the KV head read (guards the head_map case above against a no-op)."""
     q, k, v = qkv(1, 2, 2, 40, 40, 16, seed=3)
