@@ -333,9 +333,12 @@ def _segment_blocks(width: int, split_rows: int, device: torch.device) -> int:
     """Key blocks per program of a split row: ``SEGMENT_BLOCKS``, or fewer when the split rows
     (times heads) would not fill the GPU's SMs once. A grid head's two text rows at 128K made 32
     programs of 64 blocks on 132 SMs, each walking its blocks alone."""
-    if device.type != "cuda" or split_rows == 0 or split_rows * -(-width // SEGMENT_BLOCKS) >= _sm_count(device):
+    if device.type != "cuda" or split_rows == 0:
         return SEGMENT_BLOCKS
-    per_row = -(-_sm_count(device) // split_rows)  # segments per row for one wave of programs
+    sms = _sm_count(device)
+    if split_rows * -(-width // SEGMENT_BLOCKS) >= sms:  # the default already fills them
+        return SEGMENT_BLOCKS
+    per_row = -(-sms // split_rows)  # segments per row for one wave of programs
     return max(MIN_SEGMENT_BLOCKS, min(SEGMENT_BLOCKS, -(-width // per_row)))
 
 
