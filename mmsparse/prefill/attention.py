@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from ..config import PrefillConfig
 from ..layout import TokenLayout
@@ -182,10 +181,8 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
     plan = _layer_plan(query, key, value, request, layer)
     indexed = _mark(query.device)
     dense = plan.dense_heads
-    group = query.shape[1] // key.shape[1]
-    if len(dense) == query.shape[1]:  # nothing sparse in this layer
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
-                                             enable_gqa=group > 1).transpose(1, 2)
+    if len(dense) == query.shape[1]:  # nothing sparse in this layer: one GQA call over every head
+        out = start_dense_heads(query, key, value, dense, scaling).output
     else:
         rest = [h for h in dense if h not in early]  # a fixed head whose pattern could not be built
         if rest:
