@@ -222,34 +222,6 @@ def compile_block_mask(
                        mask, columns.to(torch.int32).contiguous(), column_count, head_rows)
 
 
-def with_rows_of(base: SparseIndex, other: SparseIndex, heads: torch.Tensor) -> SparseIndex:
-    """``base`` (shared rows) with query heads ``heads`` reading ``other``'s rows for them,
-    appended after ``base``'s rows (widths padded; padding slots lie past every count, so no
-    kernel reads them). How a cached fixed plan takes the rows of the heads estimated per input."""
-    if base.head_rows is None:
-        raise ValueError("with_rows_of needs a base index with head_rows (shared rows)")
-    if (base.block_m, base.block_n) != (other.block_m, other.block_n):
-        raise ValueError(f"indices have different blocks: {base.block_m}x{base.block_n} vs "
-                         f"{other.block_m}x{other.block_n}")
-    heads = heads.to(device=base.blocks.device, dtype=torch.long)
-    pick = heads if other.head_rows is None else other.head_rows.long()[heads]
-    if other.blocks.shape[1] == 1:
-        pick = torch.zeros_like(pick)
-
-    def joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        b = b.index_select(1, pick)
-        width = max(a.shape[-1], b.shape[-1])
-        a, b = (torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in (a, b))
-        return torch.cat([a, b], 1)
-
-    head_rows = base.head_rows.clone()
-    head_rows[heads] = base.blocks.shape[1] + torch.arange(len(heads), device=heads.device, dtype=torch.int32)
-    return SparseIndex(base.block_m, base.block_n, joined(base.blocks, other.blocks),
-                       joined(base.block_count, other.block_count), joined(base.full_count, other.full_count),
-                       joined(base.block_mask, other.block_mask), joined(base.columns, other.columns),
-                       joined(base.column_count, other.column_count), head_rows)
-
-
 def dense_index(order: TokenOrder, heads: int = 1) -> SparseIndex:
     """Every visible block: the sparse kernel then computes exact causal attention."""
     b = order.q_pos.shape[0]

@@ -83,12 +83,10 @@ def permuted_attention(
     **kernel_args,
 ) -> torch.Tensor:
     """Attention over the rows reordered by ``perm`` (full-prompt prefill: Mq == Mk), with the
-    output put back in the original order: [B, M, Hq, D]. ``build_index`` receives the permuted
-    ``TokenOrder``."""
+    output in the original order: [B, M, Hq, D]. ``build_index`` receives the permuted
+    ``TokenOrder``; the kernel reads and writes through ``perm`` (no permuted copies)."""
     if q.shape[2] != k.shape[2] or perm.numel() != q.shape[2]:
         raise ValueError(f"permuted attention needs queries = keys = len(perm); got {q.shape[2]} queries, "
                          f"{k.shape[2]} keys, {perm.numel()} permuted rows")
     order = permuted_order(perm, q.shape[0], block_m, block_n)
-    qp, kp, vp = (t.index_select(2, perm) for t in (q, k, v))
-    out_p = sparse_attention(qp, kp, vp, build_index(order), order, **kernel_args)
-    return out_p.index_select(1, inverse_permutation(perm))
+    return sparse_attention(q, k, v, build_index(order), order, rows=perm, **kernel_args)

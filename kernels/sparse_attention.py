@@ -49,7 +49,7 @@ def _softmax_pv(acc, m_i, l_i, qk, v, qk_scale):
 @triton.jit(do_not_specialize=["SEGMENTS", "SPLIT_COUNT", "SEGMENT"])
 def _sparse_attention_fwd(
     Q, K, V, KD, VD, O, LSE, QPOS, KPOS, BLOCKS, BLOCK_COUNT, FULL_COUNT, BLOCK_MASK, COLUMNS, COLUMN_COUNT, HEAD_MAP,
-    HEAD_ROWS, LONG, SPLIT_ROWS, PART_ACC, PART_ML,
+    HEAD_ROWS, LONG, SPLIT_ROWS, PART_ACC, PART_ML, QROWS, KROWS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -61,6 +61,7 @@ def _sparse_attention_fwd(
     H, GROUP, MQ, MK, NQ, qk_scale, SEGMENTS, SPLIT_COUNT, SEGMENT,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_COLUMNS: tl.constexpr, HAS_HEAD_MAP: tl.constexpr, HAS_HEAD_ROWS: tl.constexpr, WRITE_LSE: tl.constexpr,
+    ROW_MAPS: tl.constexpr,
     USE_TMA: tl.constexpr, HEADS_FASTEST: tl.constexpr, SKIP_LONG: tl.constexpr, SPLIT: tl.constexpr,
     SUB_M: tl.constexpr, TILE_N: tl.constexpr,
 ):
@@ -100,7 +101,10 @@ def _sparse_attention_fwd(
     offs_n = tl.arange(0, TILE_N)  # keys per tile: an index block is BLOCK_N // TILE_N tiles
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < MQ
-    rows64 = offs_m.to(tl.int64)[:, None]
+    q_rows = offs_m
+    if ROW_MAPS:  # row i of the order is row QROWS[i] of Q and O (a permutation read in place)
+        q_rows = tl.load(QROWS + b * MQ + offs_m, mask=row_ok, other=0)
+    rows64 = q_rows.to(tl.int64)[:, None]
     q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows64 * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     q_pos = tl.load(QPOS + b * MQ + offs_m, mask=row_ok, other=-1)
@@ -136,8 +140,11 @@ def _sparse_attention_fwd(
                 k = KD.load([b, kvh, start, 0]).reshape(TILE_N, HEAD_DIM)
                 v = VD.load([b, kvh, start, 0]).reshape(TILE_N, HEAD_DIM)
             else:
-                k = tl.load(k_base + keys[:, None] * stride_kn, mask=k_ok[:, None], other=0.0)
-                v = tl.load(v_base + keys[:, None] * stride_vn, mask=k_ok[:, None], other=0.0)
+                k_rows = keys
+                if ROW_MAPS:
+                    k_rows = tl.load(KROWS + b * MK + keys, mask=k_ok, other=0)
+                k = tl.load(k_base + k_rows[:, None] * stride_kn, mask=k_ok[:, None], other=0.0)
+                v = tl.load(v_base + k_rows[:, None] * stride_vn, mask=k_ok[:, None], other=0.0)
             qk = tl.dot(q, tl.trans(k))
             if j >= n_full:
                 k_pos = tl.load(KPOS + b * MK + keys, mask=k_ok, other=2147483647)
@@ -157,8 +164,11 @@ def _sparse_attention_fwd(
             in_block = tl.load(mask_row + keys // BLOCK_N, mask=at < n_cols, other=1).to(tl.int1)
             k_ok = (at < n_cols) & (keys < MK) & (in_block == 0)
             k_pos = tl.load(KPOS + b * MK + keys, mask=k_ok, other=2147483647)
-            k = tl.load(k_base + keys[:, None] * stride_kn, mask=k_ok[:, None], other=0.0)
-            v = tl.load(v_base + keys[:, None] * stride_vn, mask=k_ok[:, None], other=0.0)
+            k_rows = keys
+            if ROW_MAPS:
+                k_rows = tl.load(KROWS + b * MK + keys, mask=k_ok, other=0)
+            k = tl.load(k_base + k_rows[:, None] * stride_kn, mask=k_ok[:, None], other=0.0)
+            v = tl.load(v_base + k_rows[:, None] * stride_vn, mask=k_ok[:, None], other=0.0)
             qk = tl.dot(q, tl.trans(k))
             qk = tl.where((k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :], qk, float("-inf"))
             acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk_scale)
@@ -177,7 +187,7 @@ def _sparse_attention_fwd(
                  out.to(O.dtype.element_ty), mask=row_ok[:, None])
         if WRITE_LSE:
             lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-            tl.store(LSE + bh.to(tl.int64) * MQ + offs_m, lse, mask=row_ok)
+            tl.store(LSE + bh.to(tl.int64) * MQ + q_rows, lse, mask=row_ok)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: TokenOrder, index: SparseIndex,
@@ -226,6 +236,7 @@ def sparse_attention(
     segment: int | None = None,
     block_rows: int | None = None,
     key_tile: int | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparse causal attention. q [B, Hq, Mq, D], k/v [B, Hkv, Mk, D] (any strides with a
     contiguous last axis). On a CPU without the Triton interpreter it runs the same semantics
@@ -239,15 +250,31 @@ def sparse_attention(
     the index's ``block_m`` (default ``BLOCK_ROWS``, capped at ``block_m``); ``key_tile``: keys per
     K/V tile, one dividing ``block_n`` (default ``block_n``). Smaller tiles take less shared
     memory, so more programs may share an SM and hide the latency of short rows; 64-row
-    programs alone were slower at 128K (H100: the K/V stages, not Q, fill shared memory)."""
+    programs alone were slower at 128K (H100: the K/V stages, not Q, fill shared memory).
+    ``rows`` [Mq] (queries = keys): the index and ``order`` are in a permuted order whose row i
+    is row ``rows[i]`` of q, k and v, and of the output (and LSE). The kernel reads and writes
+    through it, so a permutation (the grid pattern's) costs no gathered copies of Q, K, V or O."""
     _check(q, k, v, order, index, head_map)
+    if rows is not None:
+        if rows.shape != (q.shape[2],) or q.shape[2] != k.shape[2] or rows.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"rows must be an integer permutation of the {q.shape[2]} rows of q, k and v "
+                             f"(queries = keys); got {tuple(rows.shape)} {rows.dtype} for {k.shape[2]} keys")
+        if use_tma:
+            raise ValueError("use_tma reads whole key tiles; it cannot read through rows (leave use_tma off)")
     if not runs_triton(q):
         if return_lse:
             raise ValueError("return_lse needs the Triton kernel (a CUDA device, or TRITON_INTERPRET=1 on the CPU)")
         from .reference import chunked_sparse_attention
 
+        if rows is None:
+            result = chunked_sparse_attention(q, k, v, index, order, scale=scale, head_map=head_map)
+            return out.copy_(result) if out is not None else result
+        rows = rows.long()
+        q, k, v = (t.index_select(2, rows) for t in (q, k, v))
         result = chunked_sparse_attention(q, k, v, index, order, scale=scale, head_map=head_map)
-        return out.copy_(result) if out is not None else result
+        if out is None:
+            out = torch.empty_like(result)
+        return out.index_copy_(1, rows, result)
     bsz, hq, mq, d = q.shape
     hkv, mk = k.shape[1], k.shape[2]
     if out is None:
@@ -287,6 +314,7 @@ def sparse_attention(
         kd = TensorDescriptor.from_tensor(k, [1, 1, tile_n, d])
         vd = TensorDescriptor.from_tensor(v, [1, 1, tile_n, d])
     flags = split_rows = part_acc = part_ml = nc  # placeholders for pointers a launch does not read
+    row_map = nc if rows is None else rows.to(torch.int32).expand(bsz, -1).contiguous()
     if split:
         split_rows = to_device(split, q.device, torch.int32)
         flags = torch.zeros(nq, dtype=torch.int8, device=q.device).index_fill_(0, split_rows.long(), 1)
@@ -297,7 +325,7 @@ def sparse_attention(
         _sparse_attention_fwd[grid](
             q, k, v, kd, vd, out, lse, order.q_pos, order.k_pos, bi, nc, index.full_count, bm, cc, index.column_count,
             head_map if head_map is not None else nc, index.head_rows if index.head_rows is not None else nc,
-            flags, split_rows, part_acc, part_ml,
+            flags, split_rows, part_acc, part_ml, row_map, row_map,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -309,7 +337,7 @@ def sparse_attention(
             hq, max(1, hq // hkv), mq, mk, nq, scale * LOG2E, segments, max(1, len(split)), segment,
             HEAD_DIM=d, BLOCK_M=index.block_m, BLOCK_N=index.block_n,
             HAS_COLUMNS=has_cols, HAS_HEAD_MAP=head_map is not None, HAS_HEAD_ROWS=index.head_rows is not None,
-            WRITE_LSE=return_lse, USE_TMA=use_tma, HEADS_FASTEST=heads_fastest,
+            WRITE_LSE=return_lse, ROW_MAPS=rows is not None, USE_TMA=use_tma, HEADS_FASTEST=heads_fastest,
             SKIP_LONG=skip_long, SPLIT=split_launch, SUB_M=sub_m, TILE_N=tile_n,
             num_warps=num_warps,
             num_stages=num_stages,
@@ -320,7 +348,7 @@ def sparse_attention(
         if split:
             launch((bsz * hq, len(split) * segments * subs), False, True)
     if split:
-        _merge_segments(part_acc, part_ml, split, index.block_m, out, lse if return_lse else None)
+        _merge_segments(part_acc, part_ml, split, index.block_m, out, lse if return_lse else None, rows)
     return (out, lse) if return_lse else out
 
 
@@ -343,10 +371,11 @@ def _segment_blocks(width: int, split_rows: int, device: torch.device) -> int:
 
 
 def _merge_segments(part_acc: torch.Tensor, part_ml: torch.Tensor, split: list[int], block_m: int,
-                    out: torch.Tensor, lse: torch.Tensor | None) -> None:
+                    out: torch.Tensor, lse: torch.Tensor | None, rows: torch.Tensor | None = None) -> None:
     """Combine the split rows' partial tiles ([B*Hq, R, S, BM, D], max and normaliser [.., 2, BM],
     maxima in log2 units) into ``out`` [B, Mq, Hq, D] (and ``lse`` [B, Hq, Mq]): a handful of
-    tensor ops over all split rows and heads at once, nothing read back."""
+    tensor ops over all split rows and heads at once, nothing read back. ``rows``: the launch's
+    row map (split row i is written to row ``rows[i]``)."""
     bsz, mq, hq, d = out.shape
     m, l_ = part_ml[:, :, :, 0], part_ml[:, :, :, 1]
     top = m.amax(2, keepdim=True)
@@ -354,10 +383,12 @@ def _merge_segments(part_acc: torch.Tensor, part_ml: torch.Tensor, split: list[i
     norm = (l_ * w).sum(2)  # [BH, R, BM]
     acc = torch.einsum("brsmd,brsm->brmd", part_acc, w)
     merged = torch.where(norm[..., None] > 0, acc / norm.clamp(min=1e-30)[..., None], 0.0)
-    rows = [r * block_m + i for r in split for i in range(block_m)]
-    keep = [j for j, row in enumerate(rows) if row < mq]  # the last block may be short
+    at = [r * block_m + i for r in split for i in range(block_m)]
+    keep = [j for j, row in enumerate(at) if row < mq]  # the last block may be short
     keep_t = to_device(keep, out.device, torch.long)
-    rows_t = to_device([rows[j] for j in keep], out.device, torch.long)
+    rows_t = to_device([at[j] for j in keep], out.device, torch.long)
+    if rows is not None:
+        rows_t = rows.long().index_select(0, rows_t)
     merged = merged.view(bsz, hq, -1, d).index_select(2, keep_t)  # [B, H, rows, D]
     out.index_copy_(1, rows_t, merged.transpose(1, 2).to(out.dtype))
     if lse is not None:

@@ -24,7 +24,6 @@ from mmsparse.kernels.index import (  # noqa: E402
     TokenOrder,
     compile_block_mask,
     dense_index,
-    with_rows_of,
 )
 from mmsparse.kernels.patterns import a_shape, band_mask, block_topk, diagonal_sums, vertical_slash  # noqa: E402
 from mmsparse.kernels.permute import (  # noqa: E402
@@ -179,6 +178,35 @@ def test_kernel_matches_reference(b, hq, hkv, shape, q_lens, kv_lens, d, blocks,
         assert res is out
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["rows", "split-rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_reads_and_writes_through_a_row_map(split, dtype):
+    """``rows``: the index is in a permuted order and the kernel reads Q, K, V and writes O and
+    LSE through the permutation. Same result as gathering the permuted rows, running the
+    reference on them and putting the rows back; written into a poisoned strided view of a wider
+    output (a subset of a layer's heads), leaving its other heads alone."""
+    from mmsparse.kernels.permute import permuted_order
+
+    n, hq, hkv, d = 90, 2, 1, 32
+    q, k, v = qkv(1, hq, hkv, n, n, d, dtype, seed=21)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    order = permuted_order(perm, 1, 16, 16)
+    index = random_index(order, hq, seed=22)
+    layer = torch.full((1, n, hq + 2, d), float("nan"), dtype=dtype, device=DEVICE)
+    target = layer[:, :, 1:1 + hq]
+    launch = dict(long_rows=range(order.num_q_blocks - 1, -1, -2), segment=2) if split else {}
+    res, lse = sparse_attention(q, k, v, index, order, rows=perm, out=target, return_lse=True, **launch)
+    ref_p, ref_lse_p = reference_sparse_attention(*(t.index_select(2, perm) for t in (q, k, v)), index, order)
+    ref = torch.empty_like(ref_p).index_copy_(1, perm, ref_p)
+    ref_lse = torch.empty_like(ref_lse_p).index_copy_(2, perm, ref_lse_p)
+    assert res is target
+    torch.testing.assert_close(target.float(), ref, **OUT_TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, **LSE_TOL[dtype])
+    assert layer[:, :, 0].isnan().all() and layer[:, :, -1].isnan().all(), "other heads must stay untouched"
+    with pytest.raises(ValueError, match="permutation of the 90 rows"):
+        sparse_attention(q, k, v, index, order, rows=perm[:-1])
+
+
 def test_split_rows_are_cut_finer_when_they_would_not_fill_the_gpu(monkeypatch):
     """Few split rows (a grid head's two text rows) get segments short enough for one wave of
     programs on the GPU's SMs, never under MIN_SEGMENT_BLOCKS; many keep SEGMENT_BLOCKS, and
@@ -238,34 +266,6 @@ def test_shared_index_rows_read_through_head_rows():
         sparse_attention(q, k, v, shared, order, block_rows=12)
     with pytest.raises(ValueError, match="key_tile"):
         sparse_attention(q, k, v, shared, order, key_tile=24)
-
-
-def test_rows_of_another_index_appended_for_some_heads():
-    """with_rows_of: the named heads read the other index's rows (wider blocks and columns are
-    padded), the rest keep theirs; the kernel equals the reference on the per-head copy."""
-    q, k, v = qkv(1, 4, 2, 80, 80, 16, seed=22)
-    order = causal_order(80, 80, 16, 16)
-    base_rows = random_index(order, 2, seed=9)  # no columns
-    base = compile_block_mask(base_rows.block_mask, order,
-                              head_rows=torch.tensor([0, 1, 1, 0], dtype=torch.int32, device=DEVICE))
-    other = random_index(order, 4, n_cols=5, seed=10)
-    heads = torch.tensor([1, 3], device=DEVICE)
-    merged = with_rows_of(base, other, heads)
-    assert merged.head_rows.tolist() == [0, 2, 1, 3]
-    want, got = base.per_head(), merged.per_head()
-    for h in range(4):
-        source, row = (other, h) if h in (1, 3) else (want, h)
-        assert torch.equal(got.block_mask[0, h], source.block_mask[0, row])
-        count = int(source.column_count[0, row].max())
-        assert torch.equal(got.columns[0, h, :count], source.columns[0, row, :count])
-        assert torch.equal(got.column_count[0, h], source.column_count[0, row])
-        n = source.block_count[0, row]
-        assert torch.equal(got.block_count[0, h], n)
-        width = int(n.max())
-        assert torch.equal(got.blocks[0, h, :, :width], source.blocks[0, row, :, :width])
-    check_kernel(q, k, v, merged, order)
-    with pytest.raises(ValueError, match="head_rows"):
-        with_rows_of(other, base, heads)
 
 
 # ----------------------------------------------------------------------------- 2. dense == SDPA

@@ -233,6 +233,8 @@ def _plan_token_mask(plan, hq: int) -> torch.Tensor:
         grid = index_token_mask(plan.grid, plan.grid_order)  # permuted rows and columns
         inv = plan.inverse
         mask[:, plan.grid_heads] = grid[:, :, inv][:, :, :, inv]
+    if plan.estimated is not None:  # a cached fixed plan's estimated heads, indexed apart
+        mask[:, plan.estimated_heads] = index_token_mask(plan.estimated, plan.order)
     return mask
 
 
@@ -798,10 +800,14 @@ def test_fixed_plans_that_read_no_input_are_built_once_per_request(monkeypatch, 
     assert all(r["index_s"] >= 0 and r["attention_s"] > 0 for r in request.stats.layers)
 
 
-def test_long_text_rows_are_split_and_change_nothing(monkeypatch):
+@pytest.mark.parametrize("labels", [("dense", "vertical_slash:250/512", "grid:2F", "a_shape:128"),
+                                    ("vertical_slash:250/512", "dense", "grid:2F", "vertical_slash:250/512")],
+                         ids=["one-estimated-head", "estimated-heads-gathered"])
+def test_long_text_rows_are_split_and_change_nothing(monkeypatch, labels):
     """Query blocks of text whose causal row outgrows the kernel's segment (the system prompt's
-    are short; the trailing question's are long) are split across programs in both the natural
-    and the grid launch, and the layer is still exactly the plan's masked attention."""
+    are short; the trailing question's are long) are split across programs in the natural, the
+    grid and the estimated heads' launch, and the layer is still exactly the plan's masked
+    attention (also when the estimated heads are no run of heads, so they are gathered)."""
     import mmsparse.kernels.sparse_attention as kernel
 
     monkeypatch.setattr(kernel, "SEGMENT_BLOCKS", 2)
@@ -809,14 +815,14 @@ def test_long_text_rows_are_split_and_change_nothing(monkeypatch):
     layout = _video_layout(pre=20, frames=16, per_frame=16, post=14)  # text in blocks 0-1 and 17-18 of 16
     assert selection.long_text_rows(layout, layout.seq_len, 16) == (17, 18)
     assert selection.long_text_rows(layout, layout.seq_len, 16, permuted=True) == (0, 1, 17, 18)
-    labels = ("dense", "vertical_slash:250/512", "grid:2F", "a_shape:128")
     q, k, v = _grid_qkv(layout, seed=9)
     used = _record_returns(monkeypatch, prefill_attention, "_layer_plan")
     out, _ = sparse_prefill_attention(q, k, v, PrefillRequest(layout, PrefillConfig(
         min_length=0, block_size=16, gamma=0.9, max_density=1.0), plans={0: labels}), layer=0, scaling=None)
     (plan,) = used
     assert plan.long_rows == (17, 18) and plan.grid_long_rows == (0, 1, 17, 18)
-    assert len(merges) == (2 if runs_triton(q) else 0)
+    assert plan.estimated_heads == [h for h, label in enumerate(labels) if label.startswith("vertical")]
+    assert len(merges) == (3 if runs_triton(q) else 0)  # natural, grid and estimated launches
     ref, _ = masked_attention(q, k, v, _plan_token_mask(plan, 4))
     torch.testing.assert_close(out, ref, **KERNEL)
 

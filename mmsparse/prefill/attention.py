@@ -21,6 +21,7 @@ import torch
 
 from ..config import PrefillConfig
 from ..layout import TokenLayout
+from ..kernels.launch import to_device
 from .dense_heads import PendingHeads, head_slices, start_dense_heads
 
 ATTENTION_NAME = "mmsparse"
@@ -88,6 +89,7 @@ class PrefillRequest:
     stats: PrefillStats = field(default_factory=PrefillStats)
     plans: dict[int, tuple[str, ...]] | None = None  # fixed candidate labels per layer (offline search)
     plan_cache: dict[tuple, Any] = field(default_factory=dict)  # fixed plans that do not read Q and K
+    blocks_cache: dict[tuple, Any] = field(default_factory=dict)  # the prompt's LayoutBlocks, per device
     collect: dict[int, list[dict]] | None = None  # search mode: candidate tables per layer; output stays dense
     sample_queries: int = 64
 
@@ -166,8 +168,8 @@ def _dense_reason(request: PrefillRequest, module, layer: int, query: torch.Tens
 
 def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: int, scaling: float | None):
     """One layer's sparse attention: [B, N, H, D] and None, as transformers' attention functions
-    return. The dense heads (SDPA) and the grid heads (permuted rows) are computed apart and
-    written over their empty rows of the natural launch."""
+    return. The dense heads (SDPA), the grid heads (permuted rows) and a cached fixed plan's
+    estimated heads are computed apart and written over their empty rows of the natural launch."""
     from ..kernels.sparse_attention import sparse_attention
 
     started = _mark(query.device)
@@ -187,13 +189,20 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
         rest = [h for h in dense if h not in early]  # a fixed head whose pattern could not be built
         if rest:
             pending.append(start_dense_heads(query, key, value, rest, scaling))
-        if plan.grid is not None:
-            pending.append(_grid_heads(query, key, value, plan, scaling))
         # Heads side by side: a plan's heads share few short rows (A-shape), so the 7 heads of a
         # GQA group read the same key blocks while they are in L2 (H200, 128K, 28 A-shape-128
         # heads: 2.9 ms vs 4.6 ms in query-block order).
         out = sparse_attention(query, key, value, plan.natural, plan.order, scale=scaling, heads_fastest=True,
                                long_rows=plan.long_rows)
+        # After the natural launch, which writes their rows as zeros: the grid heads (permuted
+        # order) and a cached fixed plan's heads estimated for this layer, each in a launch of its own.
+        if plan.grid is not None:
+            grid_heads = [h for h, kind in enumerate(plan.kinds) if kind == "grid"]
+            pending += _heads_apart(query, key, value, grid_heads, plan.grid, plan.grid_order, plan.grid_long_rows,
+                                    scaling, out, rows=plan.perm)
+        if plan.estimated is not None:
+            pending += _heads_apart(query, key, value, plan.estimated_heads, plan.estimated, plan.order,
+                                    plan.long_rows, scaling, out)
         for heads in pending:  # their natural rows are empty (written as zeros): fill them
             heads.write_into(out)
     request.stats.add_layer({
@@ -202,46 +211,61 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
     return out, None
 
 
-def _grid_heads(query, key, value, plan, scaling: float | None) -> PendingHeads:
-    """The grid heads: their rows and keys permuted (frames interleaved), the sparse kernel on the
-    permuted index; the result writes the rows back to their natural places. Only the KV heads
-    the grid heads read are permuted, and a run of heads is read as a view (no gather)."""
+def _heads_apart(query, key, value, heads: list[int], index, order, long_rows, scaling: float | None,
+                 out: torch.Tensor, rows: torch.Tensor | None = None) -> list[PendingHeads]:
+    """Query ``heads`` (a sorted host list) in a launch of their own over ``index`` (whose
+    head_rows name these heads' rows), reading Q, K, V and writing ``out`` through ``rows`` when
+    the order is permuted (no permuted copies). A run of heads is read as a view and written
+    straight into ``out`` (nothing returned); another set is gathered and returned as pending
+    heads. Only the KV heads they read are passed."""
     from ..kernels.sparse_attention import sparse_attention
 
     group = query.shape[1] // key.shape[1]
-    heads = [h for h, kind in enumerate(plan.kinds) if kind == "grid"]
     kv = slice(heads[0] // group, heads[-1] // group + 1)
-    kg, vg = key[:, kv].index_select(2, plan.perm), value[:, kv].index_select(2, plan.perm)
-    head_map = (plan.grid_heads // group - kv.start).to(torch.int32)
+    picked = to_device(heads, query.device, torch.long)
+    head_map = (picked // group - kv.start).to(torch.int32)
     run = head_slices(heads, group)
-    qg = (query[:, run[0]] if run is not None else query.index_select(1, plan.grid_heads)).index_select(2, plan.perm)
-    og = sparse_attention(qg, kg, vg, plan.grid, plan.grid_order, scale=scaling, head_map=head_map,
-                          heads_fastest=True, long_rows=plan.grid_long_rows)
-    return PendingHeads(run[0] if run is not None else plan.grid_heads, og, rows=plan.perm)
+    q = query[:, run[0]] if run is not None else query.index_select(1, picked)
+    result = sparse_attention(q, key[:, kv], value[:, kv], index, order, scale=scaling, head_map=head_map,
+                              heads_fastest=True, long_rows=long_rows, rows=rows,
+                              out=out[:, :, run[0]] if run is not None else None)
+    return [] if run is not None else [PendingHeads(picked, result)]
 
 
 def _layer_plan(query, key, value, request: PrefillRequest, layer: int):
     """This layer's plan. Without a fixed plan, chosen from its Q and K. A fixed plan's
     input-free heads (A-shape, grid, dense) are the same in every layer that names them: that
     part is built once per request (the heads estimated from the input standing in as "dense")
-    and only the estimated heads (vertical-slash, block) are built per layer and appended."""
+    and only the estimated heads (vertical-slash, block) are built per layer, kept apart."""
     from .selection import select, with_estimated_heads
 
     forced = request.plans.get(layer) if request.plans else None
+    context = _layout_blocks(query, request)
     if forced is None:
-        return select(query, key, value, request.layout, _selection_config(request.config))
+        return select(query, key, value, request.layout, _selection_config(request.config), context)
     forced = tuple(forced)
     # When the cache is full the base is rebuilt per layer too, a little more than one whole build.
     estimated = [h for h, label in enumerate(forced) if label.split(":")[0] in INPUT_DEPENDENT]
     if len(estimated) == len(forced):
-        return select(query, key, value, request.layout, _selection_config(request.config, forced=forced))
+        return select(query, key, value, request.layout, _selection_config(request.config, forced=forced), context)
     base = _input_free_plan(query, key, value, request,
                             tuple("dense" if h in estimated else label for h, label in enumerate(forced)))
     if not estimated:
         return base
     own = tuple(label if h in estimated else "dense" for h, label in enumerate(forced))
     return with_estimated_heads(base, select(query, key, value, request.layout,
-                                             _selection_config(request.config, forced=own)), estimated)
+                                             _selection_config(request.config, forced=own), context), estimated)
+
+
+def _layout_blocks(query: torch.Tensor, request: PrefillRequest):
+    """The prompt's ``LayoutBlocks`` on the query's device, built once per request."""
+    from .selection import layout_blocks
+
+    block = request.config.block_size
+    cache_key = (query.shape[2], block, query.device)
+    if cache_key not in request.blocks_cache:
+        request.blocks_cache[cache_key] = layout_blocks(request.layout, query.shape[2], block, query.device)
+    return request.blocks_cache[cache_key]
 
 
 def _input_free_plan(query, key, value, request: PrefillRequest, labels: tuple[str, ...]):
@@ -252,7 +276,8 @@ def _input_free_plan(query, key, value, request: PrefillRequest, labels: tuple[s
     cache_key = (labels, tuple(query.shape), query.device)
     plan = request.plan_cache.get(cache_key)
     if plan is None:
-        plan = select(query, key, value, request.layout, _selection_config(request.config, forced=labels))
+        plan = select(query, key, value, request.layout, _selection_config(request.config, forced=labels),
+                      _layout_blocks(query, request))
         if sum(p.nbytes() for p in request.plan_cache.values()) + plan.nbytes() <= plan_cache_cap(query.device):
             request.plan_cache[cache_key] = plan
     return plan

@@ -1,8 +1,8 @@
 """Heads of a sparse layer computed apart from its natural launch, and written into it after.
 
-The dense heads (exact causal SDPA) and the grid heads (the sparse kernel on permuted rows) are
-computed on their own; the natural launch writes empty rows for them, and
-``PendingHeads.write_into`` fills those in. A run of heads that
+The dense heads (exact causal SDPA), and grid heads that are not one run of heads, are computed on
+their own; the natural launch writes empty rows for them, and ``PendingHeads.write_into`` fills
+those in. A run of heads that
 SDPA can read as views (inside one KV head's group, or whole groups) is not copied; other sets
 are gathered with ``index_select``.
 """
@@ -37,15 +37,9 @@ class PendingHeads:
 
     heads: slice | torch.Tensor  # which query heads, as a slice or a device index
     output: torch.Tensor
-    rows: torch.Tensor | None = None  # output row i belongs to row rows[i] (a permuted order)
 
     def write_into(self, out: torch.Tensor) -> None:
-        if self.rows is None:
-            out[:, :, self.heads] = self.output
-        elif isinstance(self.heads, slice):
-            out[:, :, self.heads].index_copy_(1, self.rows, self.output)
-        else:
-            out[:, self.rows[:, None], self.heads] = self.output
+        out[:, :, self.heads] = self.output
 
 
 def start_dense_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: list[int],

@@ -16,13 +16,14 @@ choice is a handful of tensor ops per candidate, not a loop over heads or blocks
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 from ..layout import TokenLayout
-from ..kernels.index import SparseIndex, TokenOrder, compile_block_mask, with_rows_of
+from ..kernels.index import SparseIndex, TokenOrder, compile_block_mask
 from ..kernels.launch import to_device
 from ..kernels.patterns import band_mask, block_topk_mask, diagonal_sums, pooled_block_scores, slash_block_mask
 from ..kernels.permute import grid_permutation, inverse_permutation, permuted_order
@@ -80,6 +81,11 @@ class LayerPlan:
     density_t: torch.Tensor | None = None  # 0-dim, on the device: see ``density``
     long_rows: tuple[int, ...] = ()  # natural query blocks the kernel splits (``long_text_rows``)
     grid_long_rows: tuple[int, ...] = ()  # permuted ones (every text block: see ``long_text_rows``)
+    # A cached fixed plan's heads estimated per layer (``with_estimated_heads``): their index, its
+    # head_rows naming the rows of these heads only (natural order). Run in a launch of their own;
+    # their rows in ``natural`` are empty.
+    estimated_heads: list[int] = field(default_factory=list)
+    estimated: SparseIndex | None = None
 
     @property
     def density(self) -> float:
@@ -185,22 +191,43 @@ VERTICAL_SLASH = ((250, 512), (500, 1024), (1000, 2048), (1000, 4096))  # (colum
 GRID_BANDS = (2, 4, 8)  # band width in the permuted order, in multiples of the frame count
 
 
-def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, cfg: SelectionConfig) -> LayerPlan:
+@dataclass(frozen=True)
+class LayoutBlocks:
+    """What every layer of one prompt shares: the natural token order in blocks, the causally
+    visible blocks [NQ, NK], the video rows [N] and the query blocks with no text row [NQ]."""
+
+    order: TokenOrder
+    visible: torch.Tensor
+    visual: torch.Tensor
+    video_blocks: torch.Tensor
+
+
+def layout_blocks(layout: TokenLayout, n: int, block: int, device) -> LayoutBlocks:
+    """The ``LayoutBlocks`` of a prompt of ``n`` tokens (a request builds it once for its layers)."""
+    order = TokenOrder.causal(n, n, block, block, device=device)
+    visible = order.block_visibility()[0][0]
+    visual = _video_rows(layout, n, device)
+    padded = torch.nn.functional.pad(visual, (0, visible.shape[0] * block - n))
+    return LayoutBlocks(order, visible, visual, padded.view(-1, block).all(-1))
+
+
+def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, cfg: SelectionConfig,
+           context: LayoutBlocks | None = None) -> LayerPlan:
     """Choose a pattern per query head for one layer's prefill (batch 1, queries = keys).
 
     With ``cfg.forced`` (a fixed plan) only the named candidates are built and nothing is
-    scored: the index build is then a few tensor ops per pattern."""
+    scored: the index build is then a few tensor ops per pattern. ``context``: the prompt's
+    ``layout_blocks`` when the caller keeps them (else built here)."""
     _, hq, n, _ = q.shape
     dev = q.device
     bs = cfg.block
-    order = TokenOrder.causal(n, n, bs, bs, device=dev)
-    visible, _ = order.block_visibility()
-    visible = visible[0]
+    blocks = context if context is not None else layout_blocks(layout, n, bs, dev)
+    if blocks.order.block_m != bs or blocks.visual.shape[0] != n:
+        raise ValueError(f"context is for {blocks.visual.shape[0]} tokens in blocks of {blocks.order.block_m}; "
+                         f"this layer has {n} in blocks of {bs}: build it with layout_blocks(layout, {n}, {bs}, device)")
+    order, visible, visual = blocks.order, blocks.visible, blocks.visual
     nq, nk = visible.shape
-    visual = _video_rows(layout, n, dev)
-    padded = torch.nn.functional.pad(visual, (0, nq * bs - n))
-    video_blocks = padded.view(nq, bs).all(-1)  # query blocks with no text row
-    text_blocks = ~video_blocks
+    video_blocks, text_blocks = blocks.video_blocks, ~blocks.video_blocks
     wanted = None if cfg.forced is None else set(cfg.forced)
     stats = None
     if wanted is None:
@@ -303,16 +330,19 @@ def _vertical_slash_candidates(q, k, v, tail: range, question, order, n, cfg, ad
                          "name another pattern for it")
     hq = q.shape[1]
     dev = q.device
-    if heads is not None:
-        heads_t = to_device(heads, dev, torch.long)
-        kv_of = heads_t // (hq // k.shape[1])
-        q, k = q[:, heads_t], k[:, kv_of]  # one KV head per query head: plain multi-head from here
+    if heads is not None:  # one KV head per query head from here: plain multi-head
+        group = hq // k.shape[1]
+        if len(heads) == 1:  # views, no copies
+            q, k = q[:, heads[0]:heads[0] + 1], k[:, heads[0] // group:heads[0] // group + 1]
+        else:
+            heads_t = to_device(heads, dev, torch.long)
+            q, k = q[:, heads_t], k[:, heads_t // group]
     bs = cfg.block
     last = torch.arange(tail.start, tail.stop, device=dev)
-    p_last = _sampled_attention(q, k, last)
-    v_score = p_last.sum(1)
-    if len(question):
-        v_score += _sampled_attention(q, k, question).sum(1)
+    # The tail and question rows in one pass (K converted and multiplied once).
+    p = _sampled_attention(q, k, torch.cat([last, question]) if len(question) else last)
+    p_last = p[:, : len(last)]
+    v_score = p.sum(1)
     v_score[:, : min(cfg.sink, n)] = float("inf")
     s_score = diagonal_sums(p_last[None], last[None].to(torch.int32), first=(tail.start,))[0]
     top_cols = v_score.topk(min(max(c for c, _ in budgets), n), -1).indices  # best first: each budget is a prefix
@@ -432,24 +462,30 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> Lay
 
 
 def _density(plan: LayerPlan) -> torch.Tensor:
-    """Query-key pairs the plan computes (sparse rows, dense heads, grid rows) / causal pairs, as
-    a 0-dim tensor on the device (read when the stats are)."""
+    """Query-key pairs the plan computes (sparse rows, dense heads, grid rows, estimated heads) /
+    causal pairs, as a 0-dim tensor on the device (read when the stats are)."""
     n = plan.order.q_pos.shape[1]
     causal_pairs = n * (n + 1) / 2
     computed = plan.natural.pairs() + len(plan.dense_heads) * causal_pairs
-    if plan.grid is not None:
-        computed = computed + plan.grid.pairs()
+    for apart in (plan.grid, plan.estimated):
+        if apart is not None:
+            computed = computed + apart.pairs()
     return computed / (len(plan.kinds) * causal_pairs)
 
 
 def with_estimated_heads(base: LayerPlan, estimated: LayerPlan, heads: list[int]) -> LayerPlan:
     """A fixed plan whose input-dependent heads (``heads``) were built as "dense" placeholders
-    (``base``, shared by every layer with the same plan), completed by ``estimated``: a plan of
-    this layer where only those heads are estimated from its Q and K. Their rows are appended to
-    the base's; nothing else is rebuilt."""
-    moved = to_device(heads, base.natural.blocks.device, torch.long)
+    (``base``, shared by every layer with the same plan; their natural rows are empty), completed
+    by ``estimated``: a plan of this layer where only those heads are estimated from its Q and K.
+    Their index is kept apart (``LayerPlan.estimated``, run in its own launch), so nothing of the
+    base is copied: at 1M tokens its index is about a GB."""
     plan = copy.copy(base)
-    plan.natural = with_rows_of(base.natural, estimated.natural, moved)
+    rows = estimated.natural.head_rows
+    picked = to_device(heads, estimated.natural.blocks.device, torch.long)
+    head_rows = rows.index_select(0, picked) if rows is not None else \
+        (picked if estimated.natural.blocks.shape[1] > 1 else torch.zeros_like(picked)).to(torch.int32)
+    plan.estimated = dataclasses.replace(estimated.natural, head_rows=head_rows.to(torch.int32))
+    plan.estimated_heads = list(heads)
     for name in ("kinds", "budgets", "labels", "recall", "error"):
         values = list(getattr(base, name))
         for h in heads:
@@ -459,4 +495,3 @@ def with_estimated_heads(base: LayerPlan, estimated: LayerPlan, heads: list[int]
     plan.table = {**base.table, **estimated.table}
     plan.density_t = _density(plan)
     return plan
-
