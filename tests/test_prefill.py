@@ -30,6 +30,7 @@ from mmsparse.errors import ConfigError  # noqa: E402
 from mmsparse.kernels.reference import index_token_mask, masked_attention, reference_sparse_attention  # noqa: E402
 from mmsparse.kernels.launch import runs_triton  # noqa: E402
 from mmsparse.kernels.sparse_attention import sparse_attention  # noqa: E402
+from mmsparse.kernels.vertical_slash import slash_token_mask  # noqa: E402
 from mmsparse.layout import Span, TokenLayout  # noqa: E402
 from mmsparse.loading import TOY_MODEL  # noqa: E402
 from mmsparse.models import adapter_class  # noqa: E402
@@ -235,6 +236,8 @@ def _plan_token_mask(plan, hq: int) -> torch.Tensor:
         mask[:, plan.grid_heads] = grid[:, :, inv][:, :, :, inv]
     if plan.estimated is not None:  # a cached fixed plan's estimated heads, indexed apart
         mask[:, plan.estimated_heads] = index_token_mask(plan.estimated, plan.order)
+    if plan.slash is not None:  # vertical-slash heads: text rows in the natural index, video rows here
+        mask[:, plan.slash_heads] |= slash_token_mask(plan.slash, plan.order)
     return mask
 
 
@@ -597,13 +600,12 @@ def test_fixed_plan_estimates_vertical_slash_for_its_heads_only():
     mixed = select(q, k, v, layout, SelectionConfig(block=16, forced=("a_shape:128", label, "dense", label)))
     every = select(q, k, v, layout, SelectionConfig(block=16, forced=(label,) * 4))
     assert mixed.labels == ["a_shape:128", label, "dense", label]
-    assert mixed.natural.blocks.shape[1] == 4  # dense, A-shape, one row per vertical-slash head
-    got, want = mixed.natural.per_head(), every.natural.per_head()
-    for h in (1, 3):
-        assert torch.equal(got.block_mask[0, h], want.block_mask[0, h]), h
-        assert torch.equal(got.columns[0, h], want.columns[0, h]), h
-        assert torch.equal(got.column_count[0, h], want.column_count[0, h]), h
-    assert got.column_count[0, 1].sum() > 0
+    assert mixed.natural.blocks.shape[1] == 3  # A-shape, dense, the vertical-slash heads' text rows
+    assert mixed.slash_heads == [1, 3] and every.slash_heads == [0, 1, 2, 3]
+    for i, h in enumerate(mixed.slash_heads):
+        for name in ("starts", "widths", "count", "first", "columns", "column_count", "cover"):
+            assert torch.equal(getattr(mixed.slash, name)[0, i], getattr(every.slash, name)[0, h]), (name, h)
+    assert mixed.slash.column_count[0, 0].sum() > 0 and mixed.slash.count[0, 0] > 0
 
 
 def test_vertical_slash_columns_include_what_the_question_reads(monkeypatch):
@@ -622,7 +624,7 @@ def test_vertical_slash_columns_include_what_the_question_reads(monkeypatch):
             k[0, :, needle, 0] = 1.0
             q[0, :, layout.question_start:, 0] = 40.0  # every question row of every head reads the needle
         plan = select(q, k, v, layout, cfg)
-        index = plan.natural.per_head()
+        index = plan.slash
         picked[reads_needle] = [set(index.columns[0, h, : int(index.column_count[0, h].max())].tolist())
                                 for h in range(4)]
     assert all(needle in cols for cols in picked[True]), picked[True]
@@ -770,15 +772,14 @@ def test_a_fixed_plans_dense_heads_are_queued_before_its_index_is_built(monkeypa
 @pytest.mark.parametrize("cache_bytes", [2 << 30, 0])
 def test_fixed_plans_that_read_no_input_are_built_once_per_request(monkeypatch, cache_bytes):
     """Layers naming the same A-shape / grid / dense plan share one build (unless the cache is
-    over its byte budget); in a plan with an estimated pattern (vertical-slash) only that head is
-    built per layer, onto the shared build of the rest, and the result is the plan a whole build
-    gives. Outputs still follow each layer's own Q, K, V; the stats keep one record per layer."""
+    over its byte budget); in a plan with an estimated pattern (vertical-slash) the shared build
+    holds that head's text rows and only its diagonals and columns are estimated per layer (no
+    ``select`` call), and the result is the plan a whole build gives. Outputs still follow each
+    layer's own Q, K, V; the stats keep one record per layer."""
     monkeypatch.setattr(prefill_attention, "plan_cache_cap", lambda device: cache_bytes)
     layout = _video_layout(pre=20, frames=16, per_frame=16, post=14)
     static = ("dense", "grid:2F", "a_shape:128", "a_shape:128")
     estimated = ("dense", "vertical_slash:250/512", "a_shape:128", "a_shape:128")
-    base = ("dense", "dense", "a_shape:128", "a_shape:128")
-    own = ("dense", "vertical_slash:250/512", "dense", "dense")
     builds = _capture_plans(monkeypatch)
     used = _record_returns(monkeypatch, prefill_attention, "_layer_plan")  # the plan each layer ran
     cfg = PrefillConfig(min_length=0, block_size=16, gamma=0.9, max_density=1.0)
@@ -794,20 +795,22 @@ def test_fixed_plans_that_read_no_input_are_built_once_per_request(monkeypatch, 
             assert used[-1].dense_heads == whole.dense_heads == [0]
             assert used[-1].density == pytest.approx(whole.density)
     assert [p.labels for p in used] == [list(static)] * 2 + [list(estimated)] * 2
-    expected = [static, base, own, own] if cache_bytes else [static, static, base, own, base, own]
+    expected = [static, estimated] if cache_bytes else [static, static, estimated, estimated]
     assert [p.labels for p in builds] == [list(labels) for labels in expected]
     assert [r["layer"] for r in request.stats.layers] == [0, 1, 2, 3]
     assert all(r["index_s"] >= 0 and r["attention_s"] > 0 for r in request.stats.layers)
 
 
 @pytest.mark.parametrize("labels", [("dense", "vertical_slash:250/512", "grid:2F", "a_shape:128"),
-                                    ("vertical_slash:250/512", "dense", "grid:2F", "vertical_slash:250/512")],
-                         ids=["one-estimated-head", "estimated-heads-gathered"])
+                                    ("vertical_slash:250/512", "block:0.9", "grid:2F", "vertical_slash:250/512"),
+                                    ("block:0.9", "vertical_slash:250/512", "grid:2F", "block:0.9")],
+                         ids=["vertical-slash-head", "vertical-slash-heads-gathered", "block-heads-gathered"])
 def test_long_text_rows_are_split_and_change_nothing(monkeypatch, labels):
     """Query blocks of text whose causal row outgrows the kernel's segment (the system prompt's
     are short; the trailing question's are long) are split across programs in the natural, the
-    grid and the estimated heads' launch, and the layer is still exactly the plan's masked
-    attention (also when the estimated heads are no run of heads, so they are gathered)."""
+    grid and the estimated (block) heads' launch, and the layer is still exactly the plan's
+    masked attention (also when the vertical-slash or the estimated heads are no run of heads,
+    so they are gathered)."""
     import mmsparse.kernels.sparse_attention as kernel
 
     monkeypatch.setattr(kernel, "SEGMENT_BLOCKS", 2)
@@ -821,8 +824,10 @@ def test_long_text_rows_are_split_and_change_nothing(monkeypatch, labels):
         min_length=0, block_size=16, gamma=0.9, max_density=1.0), plans={0: labels}), layer=0, scaling=None)
     (plan,) = used
     assert plan.long_rows == (17, 18) and plan.grid_long_rows == (0, 1, 17, 18)
-    assert plan.estimated_heads == [h for h, label in enumerate(labels) if label.startswith("vertical")]
-    assert len(merges) == (3 if runs_triton(q) else 0)  # natural, grid and estimated launches
+    assert plan.slash_heads == [h for h, label in enumerate(labels) if label.startswith("vertical")]
+    assert plan.estimated_heads == [h for h, label in enumerate(labels) if label.startswith("block")]
+    launches = 2 + bool(plan.estimated_heads)  # natural, grid, estimated (vertical-slash rows are never split)
+    assert len(merges) == (launches if runs_triton(q) else 0)
     ref, _ = masked_attention(q, k, v, _plan_token_mask(plan, 4))
     torch.testing.assert_close(out, ref, **KERNEL)
 

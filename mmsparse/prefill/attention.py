@@ -168,9 +168,11 @@ def _dense_reason(request: PrefillRequest, module, layer: int, query: torch.Tens
 
 def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: int, scaling: float | None):
     """One layer's sparse attention: [B, N, H, D] and None, as transformers' attention functions
-    return. The dense heads (SDPA), the grid heads (permuted rows) and a cached fixed plan's
-    estimated heads are computed apart and written over their empty rows of the natural launch."""
+    return. The dense heads (SDPA), the grid heads (permuted rows), the vertical-slash heads'
+    video rows (diagonal ranges) and a cached fixed plan's estimated heads are computed apart
+    and written over their empty rows of the natural launch."""
     from ..kernels.sparse_attention import sparse_attention
+    from ..kernels.vertical_slash import slash_attention
 
     started = _mark(query.device)
     # A fixed plan names its dense heads: their SDPA is queued before the index is built, so the
@@ -196,13 +198,20 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
                                long_rows=plan.long_rows)
         # After the natural launch, which writes their rows as zeros: the grid heads (permuted
         # order) and a cached fixed plan's heads estimated for this layer, each in a launch of its own.
-        if plan.grid is not None:
+        if plan.grid is not None:  # permuted order: read and written through the permutation
             grid_heads = [h for h, kind in enumerate(plan.kinds) if kind == "grid"]
-            pending += _heads_apart(query, key, value, grid_heads, plan.grid, plan.grid_order, plan.grid_long_rows,
-                                    scaling, out, rows=plan.perm)
+            pending += _heads_apart(query, key, value, grid_heads, out, lambda q, k, v, head_map, target: sparse_attention(
+                q, k, v, plan.grid, plan.grid_order, scale=scaling, head_map=head_map, heads_fastest=True,
+                long_rows=plan.grid_long_rows, rows=plan.perm, out=target))
         if plan.estimated is not None:
-            pending += _heads_apart(query, key, value, plan.estimated_heads, plan.estimated, plan.order,
-                                    plan.long_rows, scaling, out)
+            pending += _heads_apart(query, key, value, plan.estimated_heads, out, lambda q, k, v, head_map, target:
+                                    sparse_attention(q, k, v, plan.estimated, plan.order, scale=scaling,
+                                                     head_map=head_map, heads_fastest=True, long_rows=plan.long_rows,
+                                                     out=target))
+        if plan.slash is not None:  # their video blocks (the natural launch wrote their text rows)
+            pending += _heads_apart(query, key, value, plan.slash_heads, out, lambda q, k, v, head_map, target:
+                                    slash_attention(q, k, v, plan.slash, plan.order, head_map=head_map,
+                                                    out=target, scale=scaling))
         for heads in pending:  # their natural rows are empty (written as zeros): fill them
             heads.write_into(out)
     request.stats.add_layer({
@@ -211,25 +220,23 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
     return out, None
 
 
-def _heads_apart(query, key, value, heads: list[int], index, order, long_rows, scaling: float | None,
-                 out: torch.Tensor, rows: torch.Tensor | None = None) -> list[PendingHeads]:
-    """Query ``heads`` (a sorted host list) in a launch of their own over ``index`` (whose
-    head_rows name these heads' rows), reading Q, K, V and writing ``out`` through ``rows`` when
-    the order is permuted (no permuted copies). A run of heads is read as a view and written
-    straight into ``out`` (nothing returned); another set is gathered and returned as pending
-    heads. Only the KV heads they read are passed."""
-    from ..kernels.sparse_attention import sparse_attention
-
+def _heads_apart(query, key, value, heads: list[int], out: torch.Tensor, launch) -> list[PendingHeads]:
+    """Query ``heads`` (a sorted host list) in a launch of their own: ``launch(q, k, v, head_map,
+    target)`` computes them into ``target`` [B, N, H_sub, D]. A run of heads is read as a view
+    and written straight into ``out`` (nothing returned); another set is gathered, its target
+    starting from its rows of ``out``, and returned as pending heads. Only the KV heads they read
+    are passed (``head_map`` relative to those)."""
     group = query.shape[1] // key.shape[1]
     kv = slice(heads[0] // group, heads[-1] // group + 1)
     picked = to_device(heads, query.device, torch.long)
     head_map = (picked // group - kv.start).to(torch.int32)
     run = head_slices(heads, group)
-    q = query[:, run[0]] if run is not None else query.index_select(1, picked)
-    result = sparse_attention(q, key[:, kv], value[:, kv], index, order, scale=scaling, head_map=head_map,
-                              heads_fastest=True, long_rows=long_rows, rows=rows,
-                              out=out[:, :, run[0]] if run is not None else None)
-    return [] if run is not None else [PendingHeads(picked, result)]
+    if run is not None:
+        launch(query[:, run[0]], key[:, kv], value[:, kv], head_map, out[:, :, run[0]])
+        return []
+    target = out.index_select(2, picked)
+    launch(query.index_select(1, picked), key[:, kv], value[:, kv], head_map, target)
+    return [PendingHeads(picked, target)]
 
 
 def _layer_plan(query, key, value, request: PrefillRequest, layer: int):
@@ -237,7 +244,7 @@ def _layer_plan(query, key, value, request: PrefillRequest, layer: int):
     input-free heads (A-shape, grid, dense) are the same in every layer that names them: that
     part is built once per request (the heads estimated from the input standing in as "dense")
     and only the estimated heads (vertical-slash, block) are built per layer, kept apart."""
-    from .selection import select, with_estimated_heads
+    from .selection import estimate_slash, select, with_estimated_heads, with_slash
 
     forced = request.plans.get(layer) if request.plans else None
     context = _layout_blocks(query, request)
@@ -248,13 +255,20 @@ def _layer_plan(query, key, value, request: PrefillRequest, layer: int):
     estimated = [h for h, label in enumerate(forced) if label.split(":")[0] in INPUT_DEPENDENT]
     if len(estimated) == len(forced):
         return select(query, key, value, request.layout, _selection_config(request.config, forced=forced), context)
-    base = _input_free_plan(query, key, value, request,
-                            tuple("dense" if h in estimated else label for h, label in enumerate(forced)))
-    if not estimated:
-        return base
-    own = tuple(label if h in estimated else "dense" for h, label in enumerate(forced))
-    return with_estimated_heads(base, select(query, key, value, request.layout,
-                                             _selection_config(request.config, forced=own), context), estimated)
+    # Vertical-slash heads keep their label in the shared part (their text rows; no input read)
+    # and get this layer's diagonals and columns; block heads stand in as "dense" there and are
+    # built per layer apart.
+    blocky = [h for h in estimated if forced[h].startswith("block:")]
+    slashy = {h: forced[h] for h in estimated if h not in blocky}
+    plan = _input_free_plan(query, key, value, request,
+                            tuple("dense" if h in blocky else label for h, label in enumerate(forced)))
+    if blocky:
+        own = tuple(label if h in blocky else "dense" for h, label in enumerate(forced))
+        plan = with_estimated_heads(plan, select(query, key, value, request.layout,
+                                                 _selection_config(request.config, forced=own), context), blocky)
+    if slashy:
+        plan = with_slash(plan, estimate_slash(query, key, request.layout, slashy, context))
+    return plan
 
 
 def _layout_blocks(query: torch.Tensor, request: PrefillRequest):
@@ -269,15 +283,15 @@ def _layout_blocks(query: torch.Tensor, request: PrefillRequest):
 
 
 def _input_free_plan(query, key, value, request: PrefillRequest, labels: tuple[str, ...]):
-    """The plan of labels that do not read the input, from the request's cache (built and cached
-    on first use while the cache has room)."""
+    """The plan of labels that do not read the input (vertical-slash heads as placeholders: their
+    text rows), from the request's cache (built and cached on first use while the cache has room)."""
     from .selection import select
 
     cache_key = (labels, tuple(query.shape), query.device)
     plan = request.plan_cache.get(cache_key)
     if plan is None:
-        plan = select(query, key, value, request.layout, _selection_config(request.config, forced=labels),
-                      _layout_blocks(query, request))
+        plan = select(query, key, value, request.layout,
+                      _selection_config(request.config, forced=labels, estimate=False), _layout_blocks(query, request))
         if sum(p.nbytes() for p in request.plan_cache.values()) + plan.nbytes() <= plan_cache_cap(query.device):
             request.plan_cache[cache_key] = plan
     return plan

@@ -25,7 +25,8 @@ import torch
 from ..layout import TokenLayout
 from ..kernels.index import SparseIndex, TokenOrder, compile_block_mask
 from ..kernels.launch import to_device
-from ..kernels.patterns import band_mask, block_topk_mask, diagonal_sums, pooled_block_scores, slash_block_mask
+from ..kernels.patterns import band_mask, block_topk_mask, diagonal_sums, pooled_block_scores
+from ..kernels.vertical_slash import SlashIndex, concat_heads, slash_index, slash_token_mask
 from ..kernels.permute import grid_permutation, inverse_permutation, permuted_order
 
 KINDS = ("a_shape", "vertical_slash", "block", "grid", "dense")
@@ -40,6 +41,9 @@ class SelectionConfig:
     max_density: float = 0.6  # a head needing more than this goes dense
     max_error: float | None = None  # also accept a candidate whose estimated output error is this low
     forced: tuple[str, ...] | None = None  # a fixed plan: one candidate label (or "dense") per query head
+    # False: vertical-slash heads of a fixed plan are input-free placeholders (their text rows only);
+    # the layer's own estimate comes from ``estimate_slash`` (how a cached fixed plan is completed).
+    estimate: bool = True
     kinds: tuple[str, ...] = ("a_shape", "vertical_slash", "block", "grid")
 
 
@@ -52,8 +56,8 @@ class Candidate:
     recall: torch.Tensor  # [H] kept attention mass on the sampled rows
     error: torch.Tensor  # [H] relative output error on the sampled rows
     cost: torch.Tensor  # [H]
-    columns: torch.Tensor | None = None  # [H, C] for vertical-slash
     heads: tuple[int, ...] | None = None  # the query heads of the per-head rows (a fixed plan builds only those)
+    slash: SlashIndex | None = None  # vertical-slash: diagonal tiles and columns per head (rows as ``heads``)
 
 
 @dataclass
@@ -86,6 +90,10 @@ class LayerPlan:
     # their rows in ``natural`` are empty.
     estimated_heads: list[int] = field(default_factory=list)
     estimated: SparseIndex | None = None
+    # The vertical-slash heads (their diagonal tiles and columns, MInference's exact ranges) in a
+    # launch of their own over the video query blocks; their text rows are in ``natural``.
+    slash_heads: list[int] = field(default_factory=list)
+    slash: SlashIndex | None = None
 
     @property
     def density(self) -> float:
@@ -162,6 +170,18 @@ class RowStats:
         approx = out / kept.clamp(min=1e-20)[..., None]
         error = (approx - dense).norm(dim=-1) / self.dense_norm
         return kept.mean(-1), error.mean(-1)
+
+
+def _evaluate_tokens(stats: "RowStats", keep: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(recall [H], relative output error [H]) of the keys ``keep`` [H, S, N] of each sampled row
+    (``v`` [Hkv, N, D]), from the rows' exact attention (``stats.p_rows``)."""
+    p = stats.p_rows * keep
+    h, s, n = p.shape
+    hkv = v.shape[0]
+    kept = p.sum(-1)
+    out = torch.einsum("grsn,gnd->grsd", p.view(hkv, h // hkv, s, n), v.float()).reshape(h, s, -1)
+    error = (out / kept.clamp(min=1e-20)[..., None] - stats.dense).norm(dim=-1) / stats.dense_norm
+    return kept.mean(-1), error.mean(-1)
 
 
 def _cost(mask: torch.Tensor, visible: torch.Tensor, video_blocks: torch.Tensor,
@@ -241,19 +261,20 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
 
     unscored = torch.full((hq,), float("nan"), device=dev)
 
-    def add(kind: str, budget: str, label: str, mask: torch.Tensor, columns=None, extra=None, extra_cost=None,
-            row_stats=None, cost_rows=None, vis=None, heads=None):
+    def add(kind: str, budget: str, label: str, mask: torch.Tensor, row_stats=None, cost_rows=None, vis=None,
+            heads=None, slash=None, scored=None):
         if wanted is not None:  # a fixed plan: built, never scored or costed
             candidates.append(Candidate(kind, budget, f"{kind}:{label}", mask, unscored, unscored, unscored,
-                                        columns, heads))
+                                        heads, slash))
             return
-        rec, err = (row_stats or stats).evaluate(mask, *(extra or (None, None)))
-        cost = _cost(mask, visible if vis is None else vis, video_blocks if cost_rows is None else cost_rows,
-                     visible[video_blocks].sum())
-        if extra_cost is not None:
-            cost = cost + extra_cost
+        if scored is not None:  # (recall, error, cost) worked out by the caller
+            rec, err, cost = scored
+        else:
+            rec, err = (row_stats or stats).evaluate(mask)
+            cost = _cost(mask, visible if vis is None else vis, video_blocks if cost_rows is None else cost_rows,
+                         visible[video_blocks].sum())
         candidates.append(Candidate(kind, budget, f"{kind}:{label}", mask, rec.expand(hq), err.expand(hq),
-                                    cost.expand(hq), columns, heads))
+                                    cost.expand(hq), heads, slash))
 
     if "a_shape" in cfg.kinds:
         locals_ = [w for w in A_SHAPE_LOCAL if (w < n or w == A_SHAPE_LOCAL[0]) and want(f"a_shape:{w}")]
@@ -271,10 +292,14 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
         if budgets:
             heads = None if wanted is None else tuple(
                 h for h, lab in enumerate(cfg.forced) if lab.startswith("vertical_slash:"))
-            question = torch.arange(max(layout.question_start, n - 64), n, device=dev)
-            tail = layout.visual_tail(64)
-            _vertical_slash_candidates(q, k, v[0], range(tail.start, min(tail.stop, n)), question, order, n, cfg, add,
-                                       visible, video_blocks, budgets, stats, heads)
+            # No blocks of their own in the natural index (only the text rows, filled there).
+            empty = torch.zeros((1, 1, 1), dtype=torch.bool, device=dev).expand(1, nq, nk)
+            slashes = _slash_indices(q, k, layout, blocks, budgets, heads, cfg.sink) if cfg.estimate else \
+                [None] * len(budgets)
+            for (n_cols, n_diag), slash in zip(budgets, slashes):
+                scored = None if stats is None else _score_slash(stats, slash, blocks, rows, v[0], bs)
+                add("vertical_slash", f"columns={n_cols},diagonals={n_diag}", f"{n_cols}/{n_diag}", empty,
+                    heads=heads, slash=slash, scored=scored)
     spans = [(s.start, s.num_frames, s.tokens_per_frame) for s in layout.video_spans if s.tokens_per_frame and s.num_frames > 1]
     grid_ctx = None
     mults = [m for m in GRID_BANDS if want(f"grid:{m}F")]
@@ -315,104 +340,108 @@ def long_text_rows(layout: TokenLayout, n: int, block: int, permuted: bool = Fal
     return tuple(sorted(r for r in rows if permuted or r + 1 > SEGMENT_BLOCKS))
 
 
-def _vertical_slash_candidates(q, k, v, tail: range, question, order, n, cfg, add, visible, video_blocks, budgets,
-                               stats, heads: tuple[int, ...] | None = None):
-    """MInference's estimate: columns by the attention summed over the trailing question rows
-    (``question``, the keys the answer reads) and the last video rows (``tail``: up to 64
-    consecutive ones, ending at the last visual token); diagonals by those rows' attention summed
-    along each diagonal (consecutive rows, so one strided view), the nearest diagonals first.
-    When scoring, recall counts column mass outside the chosen blocks once. With ``heads`` (a
-    fixed plan) only those query heads are estimated: at 512K tokens the estimate of all 28
-    heads holds several GB of float32 scores. Rows come from the layout: nothing here reads the
-    device back."""
+def _slash_indices(q, k, layout: TokenLayout, blocks: LayoutBlocks, budgets, heads: tuple[int, ...] | None,
+                   sink: int) -> list[SlashIndex]:
+    """MInference's estimate, one ``SlashIndex`` per budget (rows: ``heads``, or every query
+    head): columns by the attention summed over the trailing question rows (the keys the answer
+    reads) and the last video rows (up to 64 consecutive ones, ending at the last visual token);
+    diagonals by those rows' attention summed along each diagonal (consecutive rows, so one
+    strided view), the nearest half of the budget always. With ``heads`` (a fixed plan) only
+    those query heads are estimated: at 512K tokens the estimate of all 28 heads holds several
+    GB of float32 scores. Text query blocks are left to the natural index (dense there). Rows
+    come from the layout: nothing here reads the device back."""
+    n = q.shape[2]
+    tail = layout.visual_tail(64)
+    tail = range(tail.start, min(tail.stop, n))
     if not len(tail):
         raise ValueError("vertical-slash patterns estimate from video rows and this prompt has none; "
                          "name another pattern for it")
-    hq = q.shape[1]
     dev = q.device
     if heads is not None:  # one KV head per query head from here: plain multi-head
-        group = hq // k.shape[1]
+        group = q.shape[1] // k.shape[1]
         if len(heads) == 1:  # views, no copies
             q, k = q[:, heads[0]:heads[0] + 1], k[:, heads[0] // group:heads[0] // group + 1]
         else:
             heads_t = to_device(heads, dev, torch.long)
             q, k = q[:, heads_t], k[:, heads_t // group]
-    bs = cfg.block
     last = torch.arange(tail.start, tail.stop, device=dev)
+    question = torch.arange(max(layout.question_start, n - 64), n, device=dev)
     # The tail and question rows in one pass (K converted and multiplied once).
     p = _sampled_attention(q, k, torch.cat([last, question]) if len(question) else last)
-    p_last = p[:, : len(last)]
     v_score = p.sum(1)
-    v_score[:, : min(cfg.sink, n)] = float("inf")
-    s_score = diagonal_sums(p_last[None], last[None].to(torch.int32), first=(tail.start,))[0]
+    v_score[:, : min(sink, n)] = float("inf")  # the sink columns always
+    s_score = diagonal_sums(p[None, :, : len(last)], last[None].to(torch.int32), first=(tail.start,))[0]
     top_cols = v_score.topk(min(max(c for c, _ in budgets), n), -1).indices  # best first: each budget is a prefix
+    out = []
     for n_cols, n_diag in budgets:
         cols = top_cols[:, :n_cols].sort(-1).values  # [H, C]
         s = s_score.clone()
         s[:, : min(n_diag // 2, n)] = float("inf")  # half the diagonals: the nearest band
         diags = s.topk(min(n_diag, n), -1).indices
-        mask = slash_block_mask(diags[None], order)[0] & visible  # [H, NQ, NK]
-        extra = None
-        if stats is not None:  # columns on the scored rows, outside the row's chosen blocks
-            rows_blocks = stats.row_blocks
-            s_rows = stats.mass.shape[1]
-            p_rows = stats.p_rows
-            pc = p_rows.gather(2, cols[:, None, :].expand(-1, s_rows, -1))  # [H, S, C]
-            in_block = mask[:, rows_blocks].gather(2, (cols // bs)[:, None, :].expand(-1, s_rows, -1))
-            pc = pc * ~in_block
-            hkv = v.shape[0]
-            vc = v[(torch.arange(hq, device=dev) // (hq // hkv))[:, None], cols].float()  # [H, C, D]
-            extra = (pc.sum(-1), torch.einsum("hsc,hcd->hsd", pc, vc))
-        col_cost = None if stats is None else \
-            cols.shape[1] / bs / visible[video_blocks].sum(-1).float().mean().clamp(min=1)  # a fixed plan costs nothing
-        add("vertical_slash", f"columns={cols.shape[1]},diagonals={diags.shape[1]}", f"{n_cols}/{n_diag}", mask,
-            columns=cols, extra=extra, extra_cost=col_cost, heads=heads)
+        out.append(slash_index(diags[None], cols[None], blocks.order, skip=~blocks.video_blocks[None]))
+    return out
+
+
+def _score_slash(stats: RowStats, slash: SlashIndex, blocks: LayoutBlocks, rows: torch.Tensor, v: torch.Tensor,
+                 block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(recall, error, cost) [H] of a vertical-slash candidate on the sampled rows, on the exact
+    keys its tiles and columns compute (a sampled row in a text block is dense there). Cost:
+    keys computed in the video query blocks, in blocks, over their causal block area."""
+    keep = slash_token_mask(slash, blocks.order, rows)[0] | ~blocks.video_blocks[rows // block][None, :, None]
+    rec, err = _evaluate_tokens(stats, keep, v)
+    keys = slash.keys_per_block()[0][:, blocks.video_blocks].sum(-1)
+    cost = (keys / block / blocks.visible[blocks.video_blocks].sum().clamp(min=1)).float()
+    return rec, err, cost
+
+
+def estimate_slash(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, labels: dict[int, str],
+                   context: LayoutBlocks, sink: int = SelectionConfig.sink) -> SlashIndex:
+    """The ``SlashIndex`` of query heads ``labels`` (head -> "vertical_slash:C/D") of one layer,
+    rows in ascending head order: how a cached fixed plan (``estimate=False``) is completed."""
+    by_budget: dict[tuple[int, int], list[int]] = {}
+    for h in sorted(labels):
+        n_cols, n_diag = (int(x) for x in labels[h].split(":", 1)[1].split("/"))
+        by_budget.setdefault((n_cols, n_diag), []).append(h)
+    parts, order = [], []
+    for budget, heads in by_budget.items():
+        parts += _slash_indices(q, k, layout, context, [budget], tuple(heads), sink)
+        order += heads
+    index = concat_heads(parts)
+    if order != sorted(order):
+        index = index.select_heads(to_device(sorted(range(len(order)), key=order.__getitem__), q.device, torch.long))
+    return index
 
 
 def _shared_rows(candidates: list[Candidate], chosen: list[int], visible: torch.Tensor, text_blocks: torch.Tensor,
                  order: TokenOrder, full_width: bool = False) -> SparseIndex:
     """The natural-order index of a layer with one row per distinct pattern: a head-free
-    candidate (A-shape), "dense" and "grid" (both empty here: those heads run through SDPA and
-    in the permuted order) take one row for all their heads; per-head candidates
-    (vertical-slash, block) one row per head. Text query blocks are dense in every other row.
-    Which head reads which row is worked out on the host (``chosen`` is a host list)."""
+    candidate (A-shape, vertical-slash: only its text rows here), "dense" and "grid" (both empty
+    here: those heads run through SDPA and in the permuted order) take one row for all their
+    heads; per-head candidates (block) one row per head. Text query blocks are dense in every
+    other row. Which head reads which row is worked out on the host (``chosen`` is a host list)."""
     dev = visible.device
-    nq = visible.shape[0]
-    masks, cols, col_counts, filled = [], [], [], []
+    masks, filled = [], []
     head_rows = [0] * len(chosen)
-    width = max((candidates[c].columns.shape[1] for c in set(chosen) if c >= 0 and candidates[c].columns is not None),
-                default=0)
     for c in sorted(set(chosen)):  # a few distinct candidates, each handled for all its heads at once
         heads = [h for h, x in enumerate(chosen) if x == c]
         first = len(filled)  # this candidate's first row
         cand = candidates[c] if c >= 0 else None
-        per_head = cand is not None and (cand.mask.shape[0] > 1 or cand.columns is not None)
-        rows = None
+        per_head = cand is not None and cand.mask.shape[0] > 1
         if cand is None or cand.kind == "grid":
             m = torch.zeros_like(visible)[None]
+        elif per_head:
+            rows = to_device(heads if cand.heads is None else [cand.heads.index(h) for h in heads], dev, torch.long)
+            m = cand.mask[rows]
         else:
-            if per_head:
-                rows = to_device(heads if cand.heads is None else [cand.heads.index(h) for h in heads], dev, torch.long)
-            m = cand.mask[rows] if cand.mask.shape[0] > 1 else cand.mask[:1].expand(len(heads) if per_head else 1, -1, -1)
-        count = torch.zeros((len(m), nq), dtype=torch.int32, device=dev)
-        row_cols = torch.zeros((len(m), width), dtype=torch.int32, device=dev)
-        if cand is not None and cand.columns is not None:
-            c_heads = cand.columns[rows].to(torch.int32)  # [h, C], ascending
-            row_cols[:, : c_heads.shape[1]] = c_heads
-            count = torch.searchsorted(c_heads, order.q_max[0].expand(len(heads), -1).contiguous(),
-                                       right=True).to(torch.int32)
+            m = cand.mask[:1]
         for i, h in enumerate(heads):
             head_rows[h] = first + i if per_head else first
         masks.append(m)
-        cols.append(row_cols)
-        col_counts.append(count)
         filled += [cand is not None and cand.kind != "grid"] * len(m)  # empty rows stay empty
     mask = torch.cat(masks)
     dense_text = text_blocks[:, None] & visible
     mask = mask | (dense_text[None] & to_device(filled, dev, torch.bool)[:, None, None])
-    columns = torch.cat(cols)[None] if width else None
-    column_count = torch.cat(col_counts)[None] if width else None
-    return compile_block_mask(mask[None], order, columns, column_count, head_rows=head_rows, full_width=full_width)
+    return compile_block_mask(mask[None], order, head_rows=head_rows, full_width=full_width)
 
 
 def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> LayerPlan:
@@ -444,6 +473,9 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> Lay
     plan = LayerPlan(kinds, budgets, recalls, errors, natural, order, labels=labels)
     plan.table = {c.label: {name: values[i] for name, values in table.items()} for i, c in enumerate(candidates)}
     plan.dense_heads = [h for h, c in enumerate(chosen) if c < 0]
+    plan.slash_heads = [h for h, kind in enumerate(kinds) if kind == "vertical_slash"]
+    if plan.slash_heads and candidates[chosen[plan.slash_heads[0]]].slash is not None:
+        plan.slash = _slash_rows(candidates, chosen, plan.slash_heads, dev)
     if grid_heads and grid_ctx is not None:
         perm, porder, inverse = grid_ctx
         pvisible, _ = porder.block_visibility()
@@ -461,13 +493,29 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> Lay
     return plan
 
 
+def _slash_rows(candidates: list[Candidate], chosen: list[int], heads: list[int], device) -> SlashIndex:
+    """The ``SlashIndex`` of the vertical-slash ``heads`` (ascending), from their candidates'."""
+    parts, order = [], []
+    for c in sorted({chosen[h] for h in heads}):
+        cand = candidates[c]
+        mine = [h for h in heads if chosen[h] == c]
+        parts.append(cand.slash.select_heads(to_device(
+            mine if cand.heads is None else [cand.heads.index(h) for h in mine], device, torch.long)))
+        order += mine
+    index = concat_heads(parts)
+    if order != heads:
+        index = index.select_heads(to_device(sorted(range(len(order)), key=order.__getitem__), device, torch.long))
+    return index
+
+
 def _density(plan: LayerPlan) -> torch.Tensor:
-    """Query-key pairs the plan computes (sparse rows, dense heads, grid rows, estimated heads) /
+    """Query-key pairs the plan computes (sparse rows, dense heads, grid rows, estimated and
+    vertical-slash heads) /
     causal pairs, as a 0-dim tensor on the device (read when the stats are)."""
     n = plan.order.q_pos.shape[1]
     causal_pairs = n * (n + 1) / 2
     computed = plan.natural.pairs() + len(plan.dense_heads) * causal_pairs
-    for apart in (plan.grid, plan.estimated):
+    for apart in (plan.grid, plan.estimated, plan.slash):
         if apart is not None:
             computed = computed + apart.pairs()
     return computed / (len(plan.kinds) * causal_pairs)
@@ -493,5 +541,14 @@ def with_estimated_heads(base: LayerPlan, estimated: LayerPlan, heads: list[int]
         setattr(plan, name, values)
     plan.dense_heads = [h for h, kind in enumerate(plan.kinds) if kind == "dense"]
     plan.table = {**base.table, **estimated.table}
+    plan.density_t = _density(plan)
+    return plan
+
+
+def with_slash(base: LayerPlan, slash: SlashIndex) -> LayerPlan:
+    """A fixed plan built with vertical-slash placeholders (``estimate=False``: their text rows),
+    completed by this layer's estimate for them (``estimate_slash``)."""
+    plan = copy.copy(base)
+    plan.slash = slash
     plan.density_t = _density(plan)
     return plan
