@@ -44,6 +44,19 @@ def _softmax_pv(acc, m_i, l_i, qk, v, qk_scale):
     return acc, m_new, l_i
 
 
+@triton.jit
+def _gathered_keys_pv(acc, m_i, l_i, q, q_pos, k_base, v_base, k_pos_base, keys, k_rows, k_ok, stride_kn, stride_vn,
+                      qk_scale):
+    """Fold one tile of gathered keys (positions ``keys``, K/V rows ``k_rows``, valid where
+    ``k_ok``) into the online softmax, masked causally on positions."""
+    k_pos = tl.load(k_pos_base + keys, mask=k_ok, other=2147483647)
+    k = tl.load(k_base + k_rows[:, None] * stride_kn, mask=k_ok[:, None], other=0.0)
+    v = tl.load(v_base + k_rows[:, None] * stride_vn, mask=k_ok[:, None], other=0.0)
+    qk = tl.dot(q, tl.trans(k))
+    qk = tl.where((k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :], qk, float("-inf"))
+    return _softmax_pv(acc, m_i, l_i, qk, v, qk_scale)
+
+
 # Segment counts change with the prompt length: specialising on their values (divisibility by
 # 16) would recompile the kernel at new lengths in the middle of a prefill.
 @triton.jit(do_not_specialize=["SEGMENTS", "SPLIT_COUNT", "SEGMENT"])
@@ -163,15 +176,11 @@ def _sparse_attention_fwd(
             keys = tl.load(col_row + at, mask=at < n_cols, other=0)
             in_block = tl.load(mask_row + keys // BLOCK_N, mask=at < n_cols, other=1).to(tl.int1)
             k_ok = (at < n_cols) & (keys < MK) & (in_block == 0)
-            k_pos = tl.load(KPOS + b * MK + keys, mask=k_ok, other=2147483647)
             k_rows = keys
             if ROW_MAPS:
                 k_rows = tl.load(KROWS + b * MK + keys, mask=k_ok, other=0)
-            k = tl.load(k_base + k_rows[:, None] * stride_kn, mask=k_ok[:, None], other=0.0)
-            v = tl.load(v_base + k_rows[:, None] * stride_vn, mask=k_ok[:, None], other=0.0)
-            qk = tl.dot(q, tl.trans(k))
-            qk = tl.where((k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :], qk, float("-inf"))
-            acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk_scale)
+            acc, m_i, l_i = _gathered_keys_pv(acc, m_i, l_i, q, q_pos, k_base, v_base, KPOS + b * MK, keys, k_rows,
+                                              k_ok, stride_kn, stride_vn, qk_scale)
 
     if SPLIT:  # partial tile, its running max and normaliser (padding rows: normaliser 0)
         part = (bh.to(tl.int64) * SPLIT_COUNT + split_at) * SEGMENTS + seg

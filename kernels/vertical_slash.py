@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .index import KEY_PAD, TokenOrder
 from .launch import on_device, runs_triton
-from .sparse_attention import LOG2E, _softmax_pv
+from .sparse_attention import LOG2E, _gathered_keys_pv, _softmax_pv
 
 
 @dataclass(frozen=True)
@@ -236,12 +236,8 @@ def _slash_attention_fwd(
             rel = keys - qlo
             covered = tl.load(cover + rel, mask=listed & (rel >= -MK) & (rel < BLOCK_M), other=0)
             k_ok = listed & (keys < MK) & (covered == 0)
-            k_pos = tl.load(KPOS + b * MK + keys, mask=k_ok, other=2147483647)
-            k = tl.load(k_base + keys[:, None] * stride_kn, mask=k_ok[:, None], other=0.0)
-            v = tl.load(v_base + keys[:, None] * stride_vn, mask=k_ok[:, None], other=0.0)
-            qk = tl.dot(q, tl.trans(k))
-            qk = tl.where((k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :], qk, float("-inf"))
-            acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk_scale)
+            acc, m_i, l_i = _gathered_keys_pv(acc, m_i, l_i, q, q_pos, k_base, v_base, KPOS + b * MK, keys, keys,
+                                              k_ok, stride_kn, stride_vn, qk_scale)
 
     seen = (l_i > 0) & (q_pos >= 0)
     inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
