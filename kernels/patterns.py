@@ -3,7 +3,9 @@ or blocks). Budgets are whole blocks: a band of ``local`` tokens covers every bl
 
 * ``a_shape``: sink blocks + a local band (in the rows' current order, so after a permutation it
   is a band in the permuted order: that is how the grid pattern is computed, see ``permute.py``).
-* ``vertical_slash``: top-k key columns and top-k diagonals from the last queries' attention.
+* ``vertical_slash``: top-k key columns and top-k diagonals from the last queries' attention,
+  the diagonals as the aligned key blocks they touch (a superset of MInference's ranges; the
+  prefill stage runs the exact ranges, ``vertical_slash.py``).
 * ``block_topk``: top-k (or cumulative mass ``gamma``) key blocks per query block from
   mean-pooled Q and K.
 """
