@@ -1058,3 +1058,18 @@ def test_profile_counts_gpu_busy_time_once_and_names_kernels():
     assert category("triton_poi_fused_add_cat_mul_neg_slice") == "inductor"
     assert category("void at::native::vectorized_elementwise_kernel<8, CUDAFunctor_add>") == "aten_pointwise"
     assert category("Memset (Device)") == "other"
+
+
+def test_vertical_slash_scoring_reads_the_keys_the_kernel_computes():
+    """Scoring a vertical-slash candidate uses, per sampled row, exactly the keys its index makes
+    that row compute (``slash_token_mask``, before causality, which the scores carry)."""
+    layout = _video_layout(pre=21, frames=8, per_frame=16, post=19)
+    q, k, v = _random_qkv(layout.seq_len, seed=12)
+    plan = select(q, k, v, layout, SelectionConfig(block=16, forced=("vertical_slash:250/512",) * 4))
+    rows = torch.tensor([24, 40, 77, 100, 130], device=q.device)
+    keep = selection.slash_rows_keep(plan.slash, rows).bool()
+    causal = torch.arange(layout.seq_len, device=q.device)[None, :] <= rows[:, None]
+    want = slash_token_mask(plan.slash, plan.order, rows)[0]
+    video = ~plan.slash.skip[0, rows // 16]
+    assert video.any() and not video.all()
+    assert torch.equal((keep & causal)[:, video], want[:, video])

@@ -26,7 +26,7 @@ from ..layout import TokenLayout
 from ..kernels.index import SparseIndex, TokenOrder, compile_block_mask
 from ..kernels.launch import to_device
 from ..kernels.patterns import band_mask, block_topk_mask, diagonal_sums, pooled_block_scores
-from ..kernels.vertical_slash import SlashIndex, concat_heads, slash_index, slash_token_mask
+from ..kernels.vertical_slash import SlashIndex, concat_heads, slash_index
 from ..kernels.permute import grid_permutation, inverse_permutation, permuted_order
 
 KINDS = ("a_shape", "vertical_slash", "block", "grid", "dense")
@@ -387,11 +387,25 @@ def _score_slash(stats: RowStats, slash: SlashIndex, blocks: LayoutBlocks, rows:
     """(recall, error, cost) [H] of a vertical-slash candidate on the sampled rows, on the exact
     keys its tiles and columns compute (a sampled row in a text block is dense there). Cost:
     keys computed in the video query blocks, in blocks, over their causal block area."""
-    keep = slash_token_mask(slash, blocks.order, rows)[0] | ~blocks.video_blocks[rows // block][None, :, None]
+    keep = slash_rows_keep(slash, rows)
+    keep[:, ~blocks.video_blocks[rows // block]] = 1
     rec, err = _evaluate_tokens(stats, keep, v)
     keys = slash.keys_per_block()[0][:, blocks.video_blocks].sum(-1)
     cost = (keys / block / blocks.visible[blocks.video_blocks].sum().clamp(min=1)).float()
     return rec, err, cost
+
+
+def slash_rows_keep(slash: SlashIndex, rows: torch.Tensor) -> torch.Tensor:
+    """[H, R, N] int8 (batch 1): 1 at the keys a vertical-slash index reads for query ``rows``
+    (their blocks' tiles and the columns), before causality (scores past a row are 0 anyway).
+    A row's tile keys are a window of the relative ``cover``, one strided view for all rows (no
+    [R, N] index tensor); the columns are one scatter."""
+    bm, n = slash.block_m, slash.cover.shape[-1] - slash.block_m
+    front = (-n) % bm  # so that every row's window starts at a multiple of bm
+    padded = torch.nn.functional.pad(slash.cover[0], (front, n))
+    windows = padded.unfold(-1, n, bm)  # window w reads relative offsets from w * bm - front - n
+    keep = windows.index_select(1, (front + n) // bm - rows // bm)
+    return keep.scatter_(-1, slash.columns[0].long()[:, None, :].expand(-1, len(rows), -1), 1)
 
 
 def estimate_slash(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, labels: dict[int, str],
