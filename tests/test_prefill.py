@@ -1073,3 +1073,23 @@ def test_vertical_slash_scoring_reads_the_keys_the_kernel_computes():
     video = ~plan.slash.skip[0, rows // 16]
     assert video.any() and not video.all()
     assert torch.equal((keep & causal)[:, video], want[:, video])
+
+
+@pytest.mark.parametrize("n", [168, 97], ids=["chunked-keys", "one-chunk"])
+def test_token_scoring_equals_its_definition(n):
+    """Recall and error of a key set from the sampled rows' scores: the kept mass, and the
+    renormalised kept output against the exact one (the key axis cut into chunks or not)."""
+    g = torch.Generator().manual_seed(n)
+    h, hkv, s, d = 4, 2, 5, 8
+    p = torch.rand(h, s, n, generator=g)
+    p = p / p.sum(-1, keepdim=True)
+    v = torch.randn(hkv, n, d, generator=g)
+    stats = RowStats.build(p, v, torch.zeros(s, dtype=torch.long), 16)
+    keep = (torch.rand(h, s, n, generator=g) < 0.4).to(torch.int8)
+    rec, err = selection._evaluate_tokens(stats, keep, v)
+    pk = p * keep
+    out = torch.einsum("hsn,hnd->hsd", pk, v.repeat_interleave(h // hkv, 0))
+    dense = torch.einsum("hsn,hnd->hsd", p, v.repeat_interleave(h // hkv, 0))
+    want_err = ((out / pk.sum(-1, keepdim=True) - dense).norm(dim=-1) / dense.norm(dim=-1)).mean(-1)
+    torch.testing.assert_close(rec, pk.sum(-1).mean(-1))
+    torch.testing.assert_close(err, want_err, atol=1e-5, rtol=1e-4)

@@ -174,12 +174,20 @@ class RowStats:
 
 def _evaluate_tokens(stats: "RowStats", keep: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(recall [H], relative output error [H]) of the keys ``keep`` [H, S, N] of each sampled row
-    (``v`` [Hkv, N, D]), from the rows' exact attention (``stats.p_rows``)."""
-    p = stats.p_rows * keep
-    h, s, n = p.shape
-    hkv = v.shape[0]
-    kept = p.sum(-1)
-    out = torch.einsum("grsn,gnd->grsd", p.view(hkv, h // hkv, s, n), v.float()).reshape(h, s, -1)
+    (``v`` [Hkv, N, D]), from the rows' exact attention (``stats.p_rows``). The product with V
+    reduces over the whole prompt into a few small output tiles, so the key axis is cut into
+    chunks that are multiplied as a batch and summed after (split-K by hand: as one product it
+    ran on a handful of SMs)."""
+    h, s, n = keep.shape
+    hkv, d = v.shape[0], v.shape[-1]
+    chunks = math.gcd(n, 64)
+    size = n // chunks
+    # p * keep written straight into [Hkv, chunks, group x S, size] (one pass, batch-major)
+    p = stats.p_rows.view(hkv, h // hkv * s, chunks, size).transpose(1, 2)
+    kept_p = torch.empty((hkv, chunks, h // hkv * s, size), dtype=p.dtype, device=p.device)
+    torch.mul(p, keep.view(hkv, h // hkv * s, chunks, size).transpose(1, 2), out=kept_p)
+    kept = kept_p.sum((1, 3)).view(h, s)
+    out = torch.matmul(kept_p, v.float().view(hkv, chunks, size, d)).sum(1).view(h, s, d)
     error = (out / kept.clamp(min=1e-20)[..., None] - stats.dense).norm(dim=-1) / stats.dense_norm
     return kept.mean(-1), error.mean(-1)
 
