@@ -196,8 +196,9 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
         # heads: 2.9 ms vs 4.6 ms in query-block order).
         out = sparse_attention(query, key, value, plan.natural, plan.order, scale=scaling, heads_fastest=True,
                                long_rows=plan.long_rows)
-        # After the natural launch, which writes their rows as zeros: the grid heads (permuted
-        # order) and a cached fixed plan's heads estimated for this layer, each in a launch of its own.
+        # After the natural launch, which writes their rows as zeros, each in a launch of its own:
+        # the grid heads (permuted order), a cached fixed plan's block heads estimated for this
+        # layer, and the vertical-slash heads' video blocks (diagonal ranges).
         if plan.grid is not None:  # permuted order: read and written through the permutation
             grid_heads = [h for h, kind in enumerate(plan.kinds) if kind == "grid"]
             pending += _heads_apart(query, key, value, grid_heads, out, lambda q, k, v, head_map, target: sparse_attention(
@@ -208,7 +209,7 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
                                     sparse_attention(q, k, v, plan.estimated, plan.order, scale=scaling,
                                                      head_map=head_map, heads_fastest=True, long_rows=plan.long_rows,
                                                      out=target))
-        if plan.slash is not None:  # their video blocks (the natural launch wrote their text rows)
+        if plan.slash is not None:  # the natural launch wrote their text rows
             pending += _heads_apart(query, key, value, plan.slash_heads, out, lambda q, k, v, head_map, target:
                                     slash_attention(q, k, v, plan.slash, plan.order, head_map=head_map,
                                                     out=target, scale=scaling))
@@ -241,9 +242,10 @@ def _heads_apart(query, key, value, heads: list[int], out: torch.Tensor, launch)
 
 def _layer_plan(query, key, value, request: PrefillRequest, layer: int):
     """This layer's plan. Without a fixed plan, chosen from its Q and K. A fixed plan's
-    input-free heads (A-shape, grid, dense) are the same in every layer that names them: that
-    part is built once per request (the heads estimated from the input standing in as "dense")
-    and only the estimated heads (vertical-slash, block) are built per layer, kept apart."""
+    input-free heads (A-shape, grid, dense, and the vertical-slash heads' text rows) are the same
+    in every layer that names them: that part is built once per request (block heads standing in
+    as "dense"), and only what is estimated from the input (block heads, the vertical-slash heads'
+    diagonals and columns) is built per layer, kept apart."""
     from .selection import estimate_slash, select, with_estimated_heads, with_slash
 
     forced = request.plans.get(layer) if request.plans else None
