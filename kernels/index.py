@@ -1,4 +1,9 @@
-"""The one index format every sparse pattern compiles to, and the token order it is read in.
+"""The block index format every block pattern compiles to, and the token order it is read in.
+
+A-shape, block-sparse, grid (in its permuted order) and dense compile to ``SparseIndex``; so
+can vertical-slash, as the aligned key blocks its diagonals touch (``patterns.vertical_slash``).
+The prefill stage runs vertical-slash heads in their exact form instead, diagonal ranges
+relative to each query block (``vertical_slash.SlashIndex``), on the same ``TokenOrder``.
 
 ``TokenOrder`` says where each row of Q and K sits in the original sequence. Causality is
 always decided on these positions: key ``j`` is visible to query ``i`` iff

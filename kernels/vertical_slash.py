@@ -95,9 +95,9 @@ def concat_heads(parts: list[SlashIndex]) -> SlashIndex:
 
 def slash_index(diagonals: torch.Tensor, columns: torch.Tensor, order: TokenOrder, skip: torch.Tensor | None = None,
                 tile: int | None = None) -> SlashIndex:
-    """Build a ``SlashIndex`` from diagonal offsets ``diagonals`` [B, H, S] (>= 0, distinct per
-    head) and key columns ``columns`` [B, H, C] (ascending), for queries in ``order`` (natural
-    order). ``skip`` [B, NQ]: query blocks left to another launch. Vectorised: a running maximum
+    """Build a ``SlashIndex`` from diagonal offsets ``diagonals`` [B, H, S] (query minus key
+    position, >= 0; a repeated offset is harmless) and key columns ``columns`` [B, H, C]
+    (ascending), for queries in ``order`` (natural order). ``skip`` [B, NQ]: query blocks left to another launch. Vectorised: a running maximum
     merges the diagonals' ranges, a search over running tile counts cuts them; nothing is read
     back from the device."""
     bm = order.block_m
