@@ -103,7 +103,8 @@ class LayerPlan:
     def nbytes(self) -> int:
         """Device memory the plan's indices and permutation hold."""
         extra = sum(t.nbytes for t in (self.perm, self.inverse) if t is not None)
-        return self.natural.nbytes() + (self.grid.nbytes() if self.grid is not None else 0) + extra
+        apart = sum(index.nbytes() for index in (self.grid, self.estimated, self.slash) if index is not None)
+        return self.natural.nbytes() + apart + extra
 
 
 def _video_rows(layout: TokenLayout, n: int, device) -> torch.Tensor:
