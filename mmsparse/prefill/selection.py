@@ -429,10 +429,7 @@ def estimate_slash(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, labels
     for budget, heads in by_budget.items():
         parts += _slash_indices(q, k, layout, context, [budget], tuple(heads), sink)
         order += heads
-    index = concat_heads(parts)
-    if order != sorted(order):
-        index = index.select_heads(to_device(sorted(range(len(order)), key=order.__getitem__), q.device, torch.long))
-    return index
+    return _in_head_order(parts, order, q.device)
 
 
 def _shared_rows(candidates: list[Candidate], chosen: list[int], visible: torch.Tensor, text_blocks: torch.Tensor,
@@ -525,8 +522,14 @@ def _slash_rows(candidates: list[Candidate], chosen: list[int], heads: list[int]
         parts.append(cand.slash.select_heads(to_device(
             mine if cand.heads is None else [cand.heads.index(h) for h in mine], device, torch.long)))
         order += mine
+    return _in_head_order(parts, order, device)
+
+
+def _in_head_order(parts: list[SlashIndex], order: list[int], device) -> SlashIndex:
+    """The parts' heads side by side (their rows belong to query heads ``order``), reordered to
+    ascending query heads."""
     index = concat_heads(parts)
-    if order != heads:
+    if order != sorted(order):
         index = index.select_heads(to_device(sorted(range(len(order)), key=order.__getitem__), device, torch.long))
     return index
 
