@@ -247,7 +247,8 @@ def _slash_attention_fwd(
 
 def slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SlashIndex, order: TokenOrder, *,
                     head_map: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                    scale: float | None = None) -> torch.Tensor:
+                    scale: float | None = None, num_warps: int | None = None,
+                    num_stages: int | None = None) -> torch.Tensor:
     """Attention of q [B, H, Mq, D] over k, v [B, Hkv, Mk, D] (query head ``h`` reads KV head
     ``head_map[h]``, default grouped) for the index's heads, written into ``out`` [B, Mq, H, D]
     (any strides) for the rows of the blocks the index does not skip; other rows of ``out`` are
@@ -283,7 +284,8 @@ def slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: Sl
             index.columns.stride(0), index.columns.stride(1), index.cover.stride(0), index.cover.stride(1),
             hq, mq, mk, nq, scale * LOG2E,
             HEAD_DIM=d, BLOCK_M=index.block_m, TILE=index.tile, HAS_COLUMNS=index.columns.shape[-1] > 0,
-            num_warps=8 if q.is_cuda else 4, num_stages=3 if q.is_cuda else 1,
+            num_warps=num_warps or (8 if q.is_cuda and index.block_m >= 128 else 4),
+            num_stages=num_stages or (3 if q.is_cuda else 1),
         )
     return out
 

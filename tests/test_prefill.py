@@ -237,7 +237,7 @@ def _plan_token_mask(plan, hq: int) -> torch.Tensor:
     if plan.estimated is not None:  # a cached fixed plan's estimated heads, indexed apart
         mask[:, plan.estimated_heads] = index_token_mask(plan.estimated, plan.order)
     if plan.slash is not None:  # vertical-slash heads: text rows in the natural index, video rows here
-        mask[:, plan.slash_heads] |= slash_token_mask(plan.slash, plan.order)
+        mask[:, plan.slash_heads] |= slash_token_mask(plan.slash, plan.slash_order)
     return mask
 
 
@@ -832,6 +832,32 @@ def test_long_text_rows_are_split_and_change_nothing(monkeypatch, labels):
     torch.testing.assert_close(out, ref, **KERNEL)
 
 
+def test_vertical_slash_heads_run_in_finer_query_blocks(monkeypatch):
+    """A vertical-slash head's video rows run in blocks of ``SLASH_BLOCK`` rows when that is finer
+    than the plan's blocks: each block reads a diagonal as a range as long as the block, so it
+    computes fewer pairs than in the plan's blocks (a subset), leaves the sub-blocks of text blocks
+    to the natural index, and the layer is still exactly its plan's masked attention."""
+    monkeypatch.setattr(selection, "SLASH_BLOCK", 16)
+    monkeypatch.setattr(selection, "VERTICAL_SLASH", ((8, 16),))
+    layout = _video_layout(pre=20, frames=16, per_frame=16, post=14)
+    q, k, v = _grid_qkv(layout, seed=31)
+    labels = ("a_shape:128", "vertical_slash:8/16", "dense", "vertical_slash:8/16")
+    used = _record_returns(monkeypatch, prefill_attention, "_layer_plan")
+    cfg = PrefillConfig(min_length=0, block_size=32, gamma=0.9, max_density=1.0)
+    out, _ = sparse_prefill_attention(q, k, v, PrefillRequest(layout, cfg, plans={0: labels}), layer=0, scaling=None)
+    (plan,) = used
+    assert plan.slash.block_m == plan.slash_order.block_m == 16 and plan.order.block_m == 32
+    text = ~_video_block_rows(layout, 32).to(q.device)
+    assert torch.equal(plan.slash.skip[0], text.repeat_interleave(2)[: plan.slash_order.num_q_blocks])
+    ref, _ = masked_attention(q, k, v, _plan_token_mask(plan, 4))
+    torch.testing.assert_close(out, ref, **KERNEL)
+    monkeypatch.setattr(selection, "SLASH_BLOCK", 32)
+    coarse = real_select(q, k, v, layout, SelectionConfig(block=32, forced=labels))
+    fine_mask, coarse_mask = (slash_token_mask(p.slash, p.slash_order) for p in (plan, coarse))
+    assert coarse.slash.block_m == 32
+    assert bool((fine_mask <= coarse_mask).all()) and fine_mask.sum() < coarse_mask.sum()
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="host-device syncs exist on CUDA only (torch.cuda.set_sync_debug_mode)")
 def test_fixed_plan_layers_read_nothing_back_from_the_gpu():
     """Once a request's first layer has built the shared part of a fixed plan, a layer with
@@ -1069,8 +1095,8 @@ def test_vertical_slash_scoring_reads_the_keys_the_kernel_computes():
     rows = torch.tensor([24, 40, 77, 100, 130], device=q.device)
     keep = selection.slash_rows_keep(plan.slash, rows).bool()
     causal = torch.arange(layout.seq_len, device=q.device)[None, :] <= rows[:, None]
-    want = slash_token_mask(plan.slash, plan.order, rows)[0]
-    video = ~plan.slash.skip[0, rows // 16]
+    want = slash_token_mask(plan.slash, plan.slash_order, rows)[0]
+    video = ~plan.slash.skip[0, rows // plan.slash.block_m]
     assert video.any() and not video.all()
     assert torch.equal((keep & causal)[:, video], want[:, video])
 

@@ -211,7 +211,7 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
                                                      out=target))
         if plan.slash is not None:  # the natural launch wrote their text rows
             pending += _heads_apart(query, key, value, plan.slash_heads, out, lambda q, k, v, head_map, target:
-                                    slash_attention(q, k, v, plan.slash, plan.order, head_map=head_map,
+                                    slash_attention(q, k, v, plan.slash, plan.slash_order, head_map=head_map,
                                                     out=target, scale=scaling))
         for heads in pending:  # their natural rows are empty (written as zeros): fill them
             heads.write_into(out)
