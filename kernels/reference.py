@@ -118,6 +118,34 @@ def chunked_sparse_attention(
     return out
 
 
+def dense_rows_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    order: TokenOrder,
+    sub_blocks,
+    rows_per_block: int,
+    out: torch.Tensor,
+    *,
+    scale: float | None = None,
+    head_map: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Write into ``out`` [B, Mq, Hq, D] the exact causal attention of the query rows in
+    ``sub_blocks`` (of ``rows_per_block`` rows each): ``sparse_attention``'s ``dense_rows``."""
+    mq = q.shape[2]
+    rows = sorted({r for b in sub_blocks for r in range(b * rows_per_block, min(mq, (b + 1) * rows_per_block))})
+    if not rows:
+        return out
+    at = torch.tensor(rows, device=q.device)
+    kv_of = kv_heads(q.shape[1], k.shape[1], head_map, q.device)
+    mask = order.k_pos[:, None, None, :] <= order.q_pos[:, None, at, None]
+    o = torch.nn.functional.scaled_dot_product_attention(q[:, :, at], k[:, kv_of], v[:, kv_of], attn_mask=mask,
+                                                         scale=scale)
+    seen = mask.any(-1) & (order.q_pos[:, None, at] >= 0)
+    out[:, at] = torch.where(seen[..., None], o, 0.0).transpose(1, 2).to(out.dtype)
+    return out
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Qwen2RMSNorm's forward: float32 statistics, the row rounded to x's dtype, then the weight."""
     normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -29,6 +30,7 @@ from .launch import on_device, runs_triton, to_device
 LOG2E = 1.4426950408889634
 SEGMENT_BLOCKS = 64  # key blocks per program of a split row
 MIN_SEGMENT_BLOCKS = 8  # ... when too few rows are split to fill the GPU (more partial tiles to merge)
+PROGRAM_COST_BLOCKS = 2  # a split program's fixed work (its Q tile, its partial tile's store), in key blocks
 BLOCK_ROWS = 128  # query rows per program (at most the index's block_m)
 
 
@@ -76,14 +78,25 @@ def _sparse_attention_fwd(
     HAS_COLUMNS: tl.constexpr, HAS_HEAD_MAP: tl.constexpr, HAS_HEAD_ROWS: tl.constexpr, WRITE_LSE: tl.constexpr,
     ROW_MAPS: tl.constexpr,
     USE_TMA: tl.constexpr, HEADS_FASTEST: tl.constexpr, SKIP_LONG: tl.constexpr, SPLIT: tl.constexpr,
-    SUB_M: tl.constexpr, TILE_N: tl.constexpr,
+    SUB_M: tl.constexpr, TILE_N: tl.constexpr, DENSE_WALK: tl.constexpr,
 ):
     # Heaviest (latest) query blocks first. With HEADS_FASTEST the heads of one query block run
     # side by side, so the heads of a GQA group read their shared key blocks while they are in L2.
     # SPLIT: program (bh, (i * SEGMENTS + s) * SUBS + sub) computes segment s of split row
     # SPLIT_ROWS[i]. Each program takes SUB_M of the query block's BLOCK_M rows (sub-block ``sub``).
+    # DENSE_WALK (a SPLIT launch): SPLIT_ROWS[i] is a sub-block (qb * SUBS + sub) of a dense row,
+    # computed over every causal key block whatever the index holds (natural order); program
+    # (bh, i * SEGMENTS + s) takes segment s of it.
     SUBS: tl.constexpr = BLOCK_M // SUB_M
-    if SPLIT:
+    PART_M: tl.constexpr = SUB_M if DENSE_WALK else BLOCK_M  # rows of a partial tile
+    if DENSE_WALK:
+        bh = tl.program_id(0)
+        split_at = tl.program_id(1) // SEGMENTS
+        seg = tl.program_id(1) % SEGMENTS
+        at = tl.load(SPLIT_ROWS + split_at)
+        qb = at // SUBS
+        sub = at % SUBS
+    elif SPLIT:
         bh = tl.program_id(0)
         sub = tl.program_id(1) % SUBS
         split_at = tl.program_id(1) // SUBS // SEGMENTS
@@ -118,20 +131,14 @@ def _sparse_attention_fwd(
     if ROW_MAPS:  # row i of the order is row QROWS[i] of Q and O (a permutation read in place)
         q_rows = tl.load(QROWS + b * MQ + offs_m, mask=row_ok, other=0)
     rows64 = q_rows.to(tl.int64)[:, None]
-    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows64 * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    q_pos = tl.load(QPOS + b * MQ + offs_m, mask=row_ok, other=-1)
-
-    k_base = K + b64 * stride_kb + kvh64 * stride_kh + offs_d[None, :]
-    v_base = V + b64 * stride_vb + kvh64 * stride_vh + offs_d[None, :]
-    m_i = tl.full([SUB_M], -1.0e30, dtype=tl.float32)  # finite: fully masked rows stay NaN-free
-    l_i = tl.zeros([SUB_M], dtype=tl.float32)
-    acc = tl.zeros([SUB_M, HEAD_DIM], dtype=tl.float32)
-
     row = BLOCKS + b * stride_ib + ih * stride_ih + qb * stride_iq
     count_at = b * stride_nb + ih * stride_nh + qb
     n_blocks = tl.load(BLOCK_COUNT + count_at)
     n_full = tl.load(FULL_COUNT + count_at)
+    if DENSE_WALK:  # key i at position i: blocks up to the last row's, whole up to the first row's
+        pos = tl.load(QPOS + b * MQ + offs_m, mask=row_ok, other=-1)
+        n_blocks = tl.max(pos) // BLOCK_N + 1
+        n_full = (tl.min(tl.where(pos >= 0, pos, 2147483646)) + 1) // BLOCK_N
     first = 0
     if SKIP_LONG:  # a split row: the SPLIT launch computes it (this program writes zeros, overwritten)
         is_long = tl.load(LONG + qb) != 0
@@ -139,12 +146,26 @@ def _sparse_attention_fwd(
     if SPLIT:
         first = seg * SEGMENT
         n_blocks = tl.minimum(n_blocks, first + SEGMENT)
+    # An empty row (a head computed in another launch) reads no Q: it only writes its zeros.
+    busy = (n_blocks > first) | (HAS_COLUMNS and not DENSE_WALK)
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows64 * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & busy, other=0.0)
+    q_pos = tl.load(QPOS + b * MQ + offs_m, mask=row_ok, other=-1)
+
+    k_base = K + b64 * stride_kb + kvh64 * stride_kh + offs_d[None, :]
+    v_base = V + b64 * stride_vb + kvh64 * stride_vh + offs_d[None, :]
+    m_i = tl.full([SUB_M], -1.0e30, dtype=tl.float32)  # finite: fully masked rows stay NaN-free
+    l_i = tl.zeros([SUB_M], dtype=tl.float32)
+    acc = tl.zeros([SUB_M, HEAD_DIM], dtype=tl.float32)
     # One loop over the row's blocks, fully visible ones first; the last few (partially visible:
     # the diagonal) take a branch that masks on positions. One loop keeps the load pipeline
     # running into the diagonal block; two loops drained and refilled it (H200, 64K at 5%: 67% ->
     # 79% of cuDNN's rate, with the reciprocal epilogue below).
     for j in range(first, n_blocks):
-        block_start = tl.load(row + j) * BLOCK_N
+        if DENSE_WALK:
+            block_start = j * BLOCK_N
+        else:
+            block_start = tl.load(row + j) * BLOCK_N
         for t in tl.static_range(BLOCK_N // TILE_N):
             start = block_start + t * TILE_N
             keys = start + offs_n
@@ -163,7 +184,7 @@ def _sparse_attention_fwd(
                 k_pos = tl.load(KPOS + b * MK + keys, mask=k_ok, other=2147483647)
                 qk = tl.where(k_pos[None, :] <= q_pos[:, None], qk, float("-inf"))
             acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk_scale)
-    if HAS_COLUMNS:
+    if HAS_COLUMNS and not DENSE_WALK:  # a dense row has read every key
         n_cols = tl.load(COLUMN_COUNT + count_at)
         if SKIP_LONG:
             n_cols = tl.where(is_long, 0, n_cols)
@@ -184,10 +205,10 @@ def _sparse_attention_fwd(
 
     if SPLIT:  # partial tile, its running max and normaliser (padding rows: normaliser 0)
         part = (bh.to(tl.int64) * SPLIT_COUNT + split_at) * SEGMENTS + seg
-        offs_r = sub * SUB_M + tl.arange(0, SUB_M)
-        tl.store(PART_ACC + part * BLOCK_M * HEAD_DIM + offs_r[:, None] * HEAD_DIM + offs_d[None, :], acc)
-        tl.store(PART_ML + part * 2 * BLOCK_M + offs_r, m_i)
-        tl.store(PART_ML + part * 2 * BLOCK_M + BLOCK_M + offs_r, tl.where(q_pos >= 0, l_i, 0.0))
+        offs_r = (0 if DENSE_WALK else sub * SUB_M) + tl.arange(0, SUB_M)
+        tl.store(PART_ACC + part * PART_M * HEAD_DIM + offs_r[:, None] * HEAD_DIM + offs_d[None, :], acc)
+        tl.store(PART_ML + part * 2 * PART_M + offs_r, m_i)
+        tl.store(PART_ML + part * 2 * PART_M + PART_M + offs_r, tl.where(q_pos >= 0, l_i, 0.0))
     else:
         seen = (l_i > 0) & (q_pos >= 0)  # padding rows may have summed keys in full blocks: drop them
         inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)  # one division per row, not per element
@@ -246,6 +267,8 @@ def sparse_attention(
     block_rows: int | None = None,
     key_tile: int | None = None,
     rows: torch.Tensor | None = None,
+    dense_rows: Sequence[int] = (),
+    dense_block: int = 64,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparse causal attention. q [B, Hq, Mq, D], k/v [B, Hkv, Mk, D] (any strides with a
     contiguous last axis). On a CPU without the Triton interpreter it runs the same semantics
@@ -253,7 +276,7 @@ def sparse_attention(
     return), or write into ``out`` of that shape; with ``return_lse`` also the natural-log
     log-sum-exp [B, Hq, Mq] in float32 (-inf for rows that see nothing), for merging partials.
     ``long_rows``: query blocks (host ints) whose rows are split into programs of ``segment``
-    key blocks each (default ``SEGMENT_BLOCKS``, fewer when too few rows are split to fill the GPU:
+    key blocks each (default: as many as make whole waves of programs on the GPU,
     ``_segment_blocks``); the result is the same, only the work is spread
     (see the module docstring). ``block_rows``: query rows per program, a power of two dividing
     the index's ``block_m`` (default ``BLOCK_ROWS``, capped at ``block_m``); ``key_tile``: keys per
@@ -262,7 +285,11 @@ def sparse_attention(
     programs alone were slower at 128K (H100: the K/V stages, not Q, fill shared memory).
     ``rows`` [Mq] (queries = keys): the index and ``order`` are in a permuted order whose row i
     is row ``rows[i]`` of q, k and v, and of the output (and LSE). The kernel reads and writes
-    through it, so a permutation (the grid pattern's) costs no gathered copies of Q, K, V or O."""
+    through it, so a permutation (the grid pattern's) costs no gathered copies of Q, K, V or O.
+    ``dense_rows``: sub-blocks of ``dense_block`` query rows (row ``r`` is in sub-block
+    ``r // dense_block``; host ints) computed over every causal key whatever the index holds
+    (a question's text rows, dense in every sparse head), split like long rows and written over
+    the index's result there; natural order only (key ``i`` at position ``i``)."""
     _check(q, k, v, order, index, head_map)
     if rows is not None:
         if rows.shape != (q.shape[2],) or q.shape[2] != k.shape[2] or rows.dtype not in (torch.int32, torch.int64):
@@ -270,13 +297,19 @@ def sparse_attention(
                              f"(queries = keys); got {tuple(rows.shape)} {rows.dtype} for {k.shape[2]} keys")
         if use_tma:
             raise ValueError("use_tma reads whole key tiles; it cannot read through rows (leave use_tma off)")
+    if dense_rows and (rows is not None or dense_block < 16 or dense_block & (dense_block - 1)
+                       or index.block_m % dense_block):
+        raise ValueError(f"dense_rows need the natural order (no rows) and a power-of-two dense_block >= 16 "
+                         f"dividing block_m={index.block_m}; got dense_block={dense_block}")
     if not runs_triton(q):
         if return_lse:
             raise ValueError("return_lse needs the Triton kernel (a CUDA device, or TRITON_INTERPRET=1 on the CPU)")
-        from .reference import chunked_sparse_attention
+        from .reference import chunked_sparse_attention, dense_rows_attention
 
         if rows is None:
             result = chunked_sparse_attention(q, k, v, index, order, scale=scale, head_map=head_map)
+            if dense_rows:
+                dense_rows_attention(q, k, v, order, dense_rows, dense_block, result, scale=scale, head_map=head_map)
             return out.copy_(result) if out is not None else result
         rows = rows.long()
         q, k, v = (t.index_select(2, rows) for t in (q, k, v))
@@ -322,15 +355,15 @@ def sparse_attention(
 
         kd = TensorDescriptor.from_tensor(k, [1, 1, tile_n, d])
         vd = TensorDescriptor.from_tensor(v, [1, 1, tile_n, d])
-    flags = split_rows = part_acc = part_ml = nc  # placeholders for pointers a launch does not read
     row_map = nc if rows is None else rows.to(torch.int32).expand(bsz, -1).contiguous()
+    flags = nc  # a placeholder for pointers a launch does not read
     if split:
-        split_rows = to_device(split, q.device, torch.int32)
-        flags = torch.zeros(nq, dtype=torch.int8, device=q.device).index_fill_(0, split_rows.long(), 1)
-        part_acc = torch.empty((bsz * hq, len(split), segments, index.block_m, d), dtype=torch.float32, device=q.device)
-        part_ml = torch.empty((bsz * hq, len(split), segments, 2, index.block_m), dtype=torch.float32, device=q.device)
+        flags = torch.zeros(nq, dtype=torch.int8, device=q.device).index_fill_(
+            0, to_device(split, q.device, torch.long), 1)
 
-    def launch(grid: tuple[int, int], skip_long: bool, split_launch: bool) -> None:
+    def launch(grid: tuple[int, int], skip_long: bool, parts: _Parts | None = None, rows_per_program: int = sub_m,
+               warps: int = num_warps) -> None:
+        split_rows, part_acc, part_ml = (nc, nc, nc) if parts is None else (parts.rows, parts.acc, parts.ml)
         _sparse_attention_fwd[grid](
             q, k, v, kd, vd, out, lse, order.q_pos, order.k_pos, bi, nc, index.full_count, bm, cc, index.column_count,
             head_map if head_map is not None else nc, index.head_rows if index.head_rows is not None else nc,
@@ -343,22 +376,56 @@ def sparse_attention(
             bm.stride(0), hstride(bm), bm.stride(2),
             cc.stride(0), hstride(cc),
             nc.stride(0), hstride(nc),
-            hq, max(1, hq // hkv), mq, mk, nq, scale * LOG2E, segments, max(1, len(split)), segment,
+            hq, max(1, hq // hkv), mq, mk, nq, scale * LOG2E,
+            1 if parts is None else parts.segments, 1 if parts is None else parts.count,
+            1 if parts is None else parts.segment,
             HEAD_DIM=d, BLOCK_M=index.block_m, BLOCK_N=index.block_n,
             HAS_COLUMNS=has_cols, HAS_HEAD_MAP=head_map is not None, HAS_HEAD_ROWS=index.head_rows is not None,
             WRITE_LSE=return_lse, ROW_MAPS=rows is not None, USE_TMA=use_tma, HEADS_FASTEST=heads_fastest,
-            SKIP_LONG=skip_long, SPLIT=split_launch, SUB_M=sub_m, TILE_N=tile_n,
-            num_warps=num_warps,
+            SKIP_LONG=skip_long, SPLIT=parts is not None, SUB_M=rows_per_program, TILE_N=tile_n,
+            DENSE_WALK=parts is not None and parts.dense,
+            num_warps=warps,
             num_stages=num_stages,
         )
 
+    dense = sorted({r for r in dense_rows if 0 <= r < nq * (index.block_m // dense_block)})
     with on_device(q):
-        launch((bsz * hq, nq * subs) if heads_fastest else (nq * subs, bsz * hq), bool(split), False)
+        launch((bsz * hq, nq * subs) if heads_fastest else (nq * subs, bsz * hq), bool(split))
         if split:
-            launch((bsz * hq, len(split) * segments * subs), False, True)
+            parts = _Parts.make(split, segment, segments, bsz * hq, index.block_m, d, q.device)
+            launch((bsz * hq, len(split) * segments * subs), False, parts)
+        if dense:  # after the launches above: its rows are written over theirs
+            key_blocks = -(-mk // index.block_n)
+            d_segment = _segment_blocks(key_blocks, bsz * hq * len(dense), q.device)
+            d_parts = _Parts.make(dense, d_segment, -(-key_blocks // d_segment), bsz * hq, dense_block, d, q.device,
+                                  dense=True)
+            launch((bsz * hq, len(dense) * d_parts.segments), False, d_parts, dense_block,
+                   8 if dense_block * tile_n >= 128 * 64 and q.is_cuda else 4)
     if split:
-        _merge_segments(part_acc, part_ml, split, index.block_m, out, lse if return_lse else None, rows)
+        _merge_segments(parts.acc, parts.ml, split, index.block_m, out, lse if return_lse else None, rows)
+    if dense:
+        _merge_segments(d_parts.acc, d_parts.ml, dense, dense_block, out, lse if return_lse else None)
     return (out, lse) if return_lse else out
+
+
+@dataclass
+class _Parts:
+    """A split launch's rows (device int32), its segments and its partial tiles."""
+
+    rows: torch.Tensor
+    count: int
+    segment: int
+    segments: int
+    acc: torch.Tensor  # [B*Hq, R, S, rows a tile, D] float32
+    ml: torch.Tensor  # [B*Hq, R, S, 2, rows a tile] float32: running max (log2 units), normaliser
+    dense: bool = False
+
+    @classmethod
+    def make(cls, rows: list[int], segment: int, segments: int, heads: int, tile_rows: int, d: int,
+             device: torch.device, dense: bool = False) -> "_Parts":
+        acc = torch.empty((heads, len(rows), segments, tile_rows, d), dtype=torch.float32, device=device)
+        ml = torch.empty((heads, len(rows), segments, 2, tile_rows), dtype=torch.float32, device=device)
+        return cls(to_device(rows, device, torch.int32), len(rows), segment, segments, acc, ml, dense)
 
 
 @functools.cache
@@ -367,16 +434,21 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _segment_blocks(width: int, split_rows: int, device: torch.device) -> int:
-    """Key blocks per program of a split row: ``SEGMENT_BLOCKS``, or fewer when the split rows
-    (times heads) would not fill the GPU's SMs once. A grid head's two text rows at 128K made 32
-    programs of 64 blocks on 132 SMs, each walking its blocks alone."""
+    """Key blocks per program of a split row, so that the split launch's waves of programs come
+    out whole: the count ``s`` of segments a row minimises waves x (blocks a program walks + a
+    program's fixed cost), fewest segments on a tie, never under ``MIN_SEGMENT_BLOCKS`` (a
+    FlashDecoding-style split heuristic; one program per SM). 28 heads' question row at 128K: 14
+    segments of 74 blocks make 392 programs, three waves on 132 SMs; 16 of 64 made 448, the
+    fourth wave 39% full. Two rows get one wave of 128 programs. Off CUDA: ``SEGMENT_BLOCKS``."""
     if device.type != "cuda" or split_rows == 0:
         return SEGMENT_BLOCKS
     sms = _sm_count(device)
-    if split_rows * -(-width // SEGMENT_BLOCKS) >= sms:  # the default already fills them
-        return SEGMENT_BLOCKS
-    per_row = -(-sms // split_rows)  # segments per row for one wave of programs
-    return max(MIN_SEGMENT_BLOCKS, min(SEGMENT_BLOCKS, -(-width // per_row)))
+
+    def cost(s: int) -> int:
+        return -(-split_rows * s // sms) * (-(-width // s) + PROGRAM_COST_BLOCKS)
+
+    best = min(range(1, max(1, -(-width // MIN_SEGMENT_BLOCKS)) + 1), key=lambda s: (cost(s), s))
+    return -(-width // best)
 
 
 def _merge_segments(part_acc: torch.Tensor, part_ml: torch.Tensor, split: list[int], block_m: int,

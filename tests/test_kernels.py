@@ -178,6 +178,35 @@ def test_kernel_matches_reference(b, hq, hkv, shape, q_lens, kv_lens, d, blocks,
         assert res is out
 
 
+@pytest.mark.parametrize("segments", [1, 3], ids=["one-segment", "three-segments"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dense_rows_are_exact_whatever_the_index_holds(monkeypatch, dtype, segments):
+    """``dense_rows``: query sub-blocks computed over every causal key (split into segments and
+    merged), written over what the index gives those rows; other rows follow the index. Equal to
+    the reference of the index's mask with those rows made causal-dense (LSE too), on the CPU
+    path as on the kernel."""
+    import mmsparse.kernels.sparse_attention as kernel
+
+    n, hq, hkv, d, bm = 150, 4, 2, 32, 32
+    monkeypatch.setattr(kernel, "_segment_blocks", lambda width, rows, device: -(-width // segments))
+    q, k, v = qkv(1, hq, hkv, n, n, d, dtype, seed=41)
+    order = causal_order(n, n, bm, bm, None, None)
+    index = random_index(order, hq, n_cols=6, seed=42)
+    sub_blocks = (3, 8, 9)  # rows 48-63 (in block 1), 128-149 (the last block, short)
+    mask = index_token_mask(index, order).expand(1, hq, n, n).clone()
+    rows = [r for b in sub_blocks for r in range(b * 16, min(n, b * 16 + 16))]
+    mask[:, :, rows] = torch.ones(n, n, dtype=torch.bool, device=DEVICE).tril()[rows]
+    ref, ref_lse = masked_attention(q, k, v, mask)
+    res, lse = sparse_attention(q, k, v, index, order, dense_rows=sub_blocks, dense_block=16, return_lse=True)
+    torch.testing.assert_close(res.float(), ref.float(), **OUT_TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, **LSE_TOL[dtype])
+    monkeypatch.setattr(kernel, "runs_triton", lambda t: False)  # the CPU backend's semantics are the same
+    cpu = sparse_attention(q, k, v, index, order, dense_rows=sub_blocks, dense_block=16)
+    torch.testing.assert_close(cpu.float(), ref.float(), **OUT_TOL[dtype])
+    with pytest.raises(ValueError, match="dense_block"):
+        sparse_attention(q, k, v, index, order, dense_rows=sub_blocks, dense_block=24)
+
+
 @pytest.mark.parametrize("split", [False, True], ids=["rows", "split-rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_kernel_reads_and_writes_through_a_row_map(split, dtype):
@@ -207,17 +236,21 @@ def test_kernel_reads_and_writes_through_a_row_map(split, dtype):
         sparse_attention(q, k, v, index, order, rows=perm[:-1])
 
 
-def test_split_rows_are_cut_finer_when_they_would_not_fill_the_gpu(monkeypatch):
-    """Few split rows (a grid head's two text rows) get segments short enough for one wave of
-    programs on the GPU's SMs, never under MIN_SEGMENT_BLOCKS; many keep SEGMENT_BLOCKS, and
-    off CUDA nothing changes. (The kernel cases above run any segment length.)"""
+def test_split_rows_are_cut_into_whole_waves_of_programs(monkeypatch):
+    """Split rows get segments whose programs fill whole waves on the GPU's SMs (one program per
+    SM), never under MIN_SEGMENT_BLOCKS; off CUDA the default stays. (The kernel cases above run
+    any segment length.)"""
     import mmsparse.kernels.sparse_attention as kernel
 
     monkeypatch.setattr(kernel, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
-    assert kernel._segment_blocks(1023, 2, cuda) == 16  # 64 segments a row: 128 programs
-    assert kernel._segment_blocks(1023, 28, cuda) == kernel.SEGMENT_BLOCKS
-    assert kernel._segment_blocks(8191, 2, cuda) == kernel.SEGMENT_BLOCKS  # 256 programs already
+
+    def waves(width: int, rows: int) -> float:
+        return rows * -(-width // kernel._segment_blocks(width, rows, cuda)) / 132
+
+    assert kernel._segment_blocks(1023, 2, cuda) == 16 and waves(1023, 2) <= 1  # 64 segments a row: one wave
+    assert kernel._segment_blocks(1023, 28, cuda) == 74 and waves(1023, 28) == pytest.approx(392 / 132)  # 3 waves, not 3.4
+    assert waves(8191, 2) <= 1  # one wave of long segments, not two of 64 blocks
     assert kernel._segment_blocks(50, 2, cuda) == kernel.MIN_SEGMENT_BLOCKS
     assert kernel._segment_blocks(1023, 2, torch.device("cpu")) == kernel.SEGMENT_BLOCKS
 
