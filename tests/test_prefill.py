@@ -225,19 +225,26 @@ def _video_block_rows(layout: TokenLayout, block: int) -> torch.Tensor:
 
 def _plan_token_mask(plan, hq: int) -> torch.Tensor:
     """[1, Hq, N, N] tokens each head computes, in the natural order, from the plan's indices:
-    the natural index for ordinary heads, the permuted grid index mapped back for grid heads."""
+    the natural index for ordinary heads (a long question's text rows dense), the permuted grid
+    index mapped back for grid heads."""
     mask = index_token_mask(plan.natural, plan.order).expand(1, hq, -1, -1).clone()
+    n = mask.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+    fine = plan.fine_order.block_m
+    text = [r for b in plan.text_rows for r in range(b * fine, min(n, (b + 1) * fine))]
+    mask[:, :, text] = causal[text]
     if plan.dense_heads:  # they run through SDPA: every causal pair
-        n = mask.shape[-1]
-        mask[:, plan.dense_heads] = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+        mask[:, plan.dense_heads] = causal
     if plan.grid is not None:
         grid = index_token_mask(plan.grid, plan.grid_order)  # permuted rows and columns
         inv = plan.inverse
         mask[:, plan.grid_heads] = grid[:, :, inv][:, :, :, inv]
     if plan.estimated is not None:  # a cached fixed plan's estimated heads, indexed apart
-        mask[:, plan.estimated_heads] = index_token_mask(plan.estimated, plan.order)
+        estimated = index_token_mask(plan.estimated, plan.order).expand(1, len(plan.estimated_heads), -1, -1).clone()
+        estimated[:, :, text] = causal[text]
+        mask[:, plan.estimated_heads] = estimated
     if plan.slash is not None:  # vertical-slash heads: text rows in the natural index, video rows here
-        mask[:, plan.slash_heads] |= slash_token_mask(plan.slash, plan.slash_order)
+        mask[:, plan.slash_heads] |= slash_token_mask(plan.slash, plan.fine_order)
     return mask
 
 
@@ -823,21 +830,21 @@ def test_long_text_rows_are_split_and_change_nothing(monkeypatch, labels):
     out, _ = sparse_prefill_attention(q, k, v, PrefillRequest(layout, PrefillConfig(
         min_length=0, block_size=16, gamma=0.9, max_density=1.0), plans={0: labels}), layer=0, scaling=None)
     (plan,) = used
-    assert plan.long_rows == (17, 18) and plan.grid_long_rows == (0, 1, 17, 18)
+    assert plan.text_rows == (17, 18) and plan.grid_long_rows == (0, 1, 17, 18)
     assert plan.slash_heads == [h for h, label in enumerate(labels) if label.startswith("vertical")]
     assert plan.estimated_heads == [h for h, label in enumerate(labels) if label.startswith("block")]
-    launches = 2 + bool(plan.estimated_heads)  # natural, grid, estimated (vertical-slash rows are never split)
+    launches = 2 + bool(plan.estimated_heads)  # natural, grid, estimated (vertical-slash launches never split)
     assert len(merges) == (launches if runs_triton(q) else 0)
     ref, _ = masked_attention(q, k, v, _plan_token_mask(plan, 4))
     torch.testing.assert_close(out, ref, **KERNEL)
 
 
 def test_vertical_slash_heads_run_in_finer_query_blocks(monkeypatch):
-    """A vertical-slash head's video rows run in blocks of ``SLASH_BLOCK`` rows when that is finer
+    """A vertical-slash head's video rows run in blocks of ``FINE_BLOCK`` rows when that is finer
     than the plan's blocks: each block reads a diagonal as a range as long as the block, so it
     computes fewer pairs than in the plan's blocks (a subset), leaves the sub-blocks of text blocks
     to the natural index, and the layer is still exactly its plan's masked attention."""
-    monkeypatch.setattr(selection, "SLASH_BLOCK", 16)
+    monkeypatch.setattr(selection, "FINE_BLOCK", 16)
     monkeypatch.setattr(selection, "VERTICAL_SLASH", ((8, 16),))
     layout = _video_layout(pre=20, frames=16, per_frame=16, post=14)
     q, k, v = _grid_qkv(layout, seed=31)
@@ -846,16 +853,45 @@ def test_vertical_slash_heads_run_in_finer_query_blocks(monkeypatch):
     cfg = PrefillConfig(min_length=0, block_size=32, gamma=0.9, max_density=1.0)
     out, _ = sparse_prefill_attention(q, k, v, PrefillRequest(layout, cfg, plans={0: labels}), layer=0, scaling=None)
     (plan,) = used
-    assert plan.slash.block_m == plan.slash_order.block_m == 16 and plan.order.block_m == 32
+    assert plan.slash.block_m == plan.fine_order.block_m == 16 and plan.order.block_m == 32
     text = ~_video_block_rows(layout, 32).to(q.device)
-    assert torch.equal(plan.slash.skip[0], text.repeat_interleave(2)[: plan.slash_order.num_q_blocks])
+    assert torch.equal(plan.slash.skip[0], text.repeat_interleave(2)[: plan.fine_order.num_q_blocks])
     ref, _ = masked_attention(q, k, v, _plan_token_mask(plan, 4))
     torch.testing.assert_close(out, ref, **KERNEL)
-    monkeypatch.setattr(selection, "SLASH_BLOCK", 32)
+    monkeypatch.setattr(selection, "FINE_BLOCK", 32)
     coarse = real_select(q, k, v, layout, SelectionConfig(block=32, forced=labels))
-    fine_mask, coarse_mask = (slash_token_mask(p.slash, p.slash_order) for p in (plan, coarse))
+    fine_mask, coarse_mask = (slash_token_mask(p.slash, p.fine_order) for p in (plan, coarse))
     assert coarse.slash.block_m == 32
     assert bool((fine_mask <= coarse_mask).all()) and fine_mask.sum() < coarse_mask.sum()
+
+
+def test_a_long_question_is_dense_in_fine_blocks_only(monkeypatch):
+    """A long text block (the question's) is not filled dense in the index: its fine blocks that
+    hold text are computed over every key in every head (``text_rows``), the rest of the block
+    follows each head's pattern (the vertical-slash heads' in their own launch), and the layer
+    is exactly its plan's masked attention."""
+    import mmsparse.kernels.sparse_attention as kernel
+
+    monkeypatch.setattr(kernel, "SEGMENT_BLOCKS", 2)
+    monkeypatch.setattr(selection, "FINE_BLOCK", 16)
+    monkeypatch.setattr(selection, "VERTICAL_SLASH", ((8, 16),))
+    layout = _video_layout(pre=20, frames=16, per_frame=16, post=14)  # text: rows 0-19 and 276-289
+    q, k, v = _grid_qkv(layout, seed=33)
+    labels = ("a_shape:128", "vertical_slash:8/16", "block:0.9", "grid:2F")
+    used = _record_returns(monkeypatch, prefill_attention, "_layer_plan")
+    cfg = PrefillConfig(min_length=0, block_size=32, gamma=0.9, max_density=1.0)
+    out, _ = sparse_prefill_attention(q, k, v, PrefillRequest(layout, cfg, plans={0: labels}), layer=0, scaling=None)
+    (plan,) = used
+    assert plan.text_rows == (17, 18)  # rows 272-287 and 288-289 (blocks 8 and 9 of 32 are long)
+    mask = _plan_token_mask(plan, 4)
+    causal = torch.arange(layout.seq_len, device=q.device)[None, :] <= torch.arange(layout.seq_len, device=q.device)[:, None]
+    assert torch.equal(mask[0, :3, 272:], causal[272:].expand(3, -1, -1))  # fine blocks with text: dense
+    assert torch.equal(mask[0, 3, 276:], causal[276:])  # the grid head: text rows dense (in its own order)
+    video = mask[0, 1, 256:272]  # rows 256-271: video rows of long block 8, the vertical-slash head's pattern
+    assert (video.sum(-1) < causal[256:272].sum(-1)).all()
+    assert torch.equal(mask[0, :3, :20], causal[:20].expand(3, -1, -1))  # a short text block: dense as a whole
+    ref, _ = masked_attention(q, k, v, mask)
+    torch.testing.assert_close(out, ref, **KERNEL)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="host-device syncs exist on CUDA only (torch.cuda.set_sync_debug_mode)")
@@ -1095,7 +1131,7 @@ def test_vertical_slash_scoring_reads_the_keys_the_kernel_computes():
     rows = torch.tensor([24, 40, 77, 100, 130], device=q.device)
     keep = selection.slash_rows_keep(plan.slash, rows).bool()
     causal = torch.arange(layout.seq_len, device=q.device)[None, :] <= rows[:, None]
-    want = slash_token_mask(plan.slash, plan.slash_order, rows)[0]
+    want = slash_token_mask(plan.slash, plan.fine_order, rows)[0]
     video = ~plan.slash.skip[0, rows // plan.slash.block_m]
     assert video.any() and not video.all()
     assert torch.equal((keep & causal)[:, video], want[:, video])

@@ -195,7 +195,7 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
         # GQA group read the same key blocks while they are in L2 (H200, 128K, 28 A-shape-128
         # heads: 2.9 ms vs 4.6 ms in query-block order).
         out = sparse_attention(query, key, value, plan.natural, plan.order, scale=scaling, heads_fastest=True,
-                               long_rows=plan.long_rows)
+                               dense_rows=plan.text_rows, dense_block=plan.fine_order.block_m)
         # After the natural launch, which writes their rows as zeros, each in a launch of its own:
         # the grid heads (permuted order), a cached fixed plan's block heads estimated for this
         # layer, and the vertical-slash heads' video blocks (diagonal ranges).
@@ -207,11 +207,12 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
         if plan.estimated is not None:
             pending += _heads_apart(query, key, value, plan.estimated_heads, out, lambda q, k, v, head_map, target:
                                     sparse_attention(q, k, v, plan.estimated, plan.order, scale=scaling,
-                                                     head_map=head_map, heads_fastest=True, long_rows=plan.long_rows,
+                                                     head_map=head_map, heads_fastest=True,
+                                                     dense_rows=plan.text_rows, dense_block=plan.fine_order.block_m,
                                                      out=target))
         if plan.slash is not None:  # the natural launch wrote their text rows
             pending += _heads_apart(query, key, value, plan.slash_heads, out, lambda q, k, v, head_map, target:
-                                    slash_attention(q, k, v, plan.slash, plan.slash_order, head_map=head_map,
+                                    slash_attention(q, k, v, plan.slash, plan.fine_order, head_map=head_map,
                                                     out=target, scale=scaling))
         for heads in pending:  # their natural rows are empty (written as zeros): fill them
             heads.write_into(out)

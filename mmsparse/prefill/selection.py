@@ -83,8 +83,10 @@ class LayerPlan:
     labels: list[str] = field(default_factory=list)
     table: dict = field(default_factory=dict)  # every candidate's per-head recall, error and cost
     density_t: torch.Tensor | None = None  # 0-dim, on the device: see ``density``
-    long_rows: tuple[int, ...] = ()  # natural query blocks the kernel splits (``long_text_rows``)
-    grid_long_rows: tuple[int, ...] = ()  # permuted ones (every text block: see ``long_text_rows``)
+    # Fine blocks (``fine_order``) of a long question's text, dense in every sparse head: the kernel
+    # computes them over every key (``dense_rows``), written over the natural index's rows.
+    text_rows: tuple[int, ...] = ()
+    grid_long_rows: tuple[int, ...] = ()  # permuted text blocks the kernel splits (see ``long_text_rows``)
     # A cached fixed plan's heads estimated per layer (``with_estimated_heads``): their index, its
     # head_rows naming the rows of these heads only (natural order). Run in a launch of their own;
     # their rows in ``natural`` are empty.
@@ -94,7 +96,7 @@ class LayerPlan:
     # launch of their own over the video query blocks; their text rows are in ``natural``.
     slash_heads: list[int] = field(default_factory=list)
     slash: SlashIndex | None = None
-    slash_order: TokenOrder | None = None  # the token order ``slash`` is in (blocks of SLASH_BLOCK rows)
+    fine_order: TokenOrder | None = None  # the token order ``slash`` is in (blocks of FINE_BLOCK rows)
 
     @property
     def density(self) -> float:
@@ -219,11 +221,14 @@ def _forced(candidates: list[Candidate], labels: tuple[str, ...], heads: int) ->
 A_SHAPE_LOCAL = (128, 256, 512, 1024, 2048, 4096, 8192)  # tokens: locality is absolute, not a share of the prompt
 VERTICAL_SLASH = ((250, 512), (500, 1024), (1000, 2048), (1000, 4096))  # (columns, nearest-first diagonals)
 GRID_BANDS = (2, 4, 8)  # band width in the permuted order, in multiples of the frame count
-# Query rows per block of a vertical-slash head (capped at the plan's block). A diagonal read by a
-# block of m rows is a range of m keys, so scattered diagonals cost in proportion to m: at 64 rows
-# the keys computed halve against 128 and the launch ran 40% / 26% faster (H200, 128K, random
-# Q/K, budgets 250/512 and 1000/2048: 2.88 -> 1.74 ms, 7.96 -> 5.86 ms; 32 rows was slower).
-SLASH_BLOCK = 64
+# Query rows per block where the plan's blocks are too coarse (capped at the plan's block):
+# * vertical-slash heads' video rows: a diagonal read by a block of m rows is a range of m keys, so
+#   scattered diagonals cost in proportion to m; at 64 rows the keys computed halve against 128
+#   and the launch ran 40% / 26% faster (H200, 128K, random Q/K, budgets 250/512 and 1000/2048:
+#   2.88 -> 1.74 ms, 7.96 -> 5.86 ms; 32 rows was slower);
+# * a long question's text rows, dense in every sparse head: only the fine blocks holding text
+#   are (a 64-token question in a 128-row block took the whole block).
+FINE_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -235,10 +240,14 @@ class LayoutBlocks:
     visible: torch.Tensor
     visual: torch.Tensor
     video_blocks: torch.Tensor
-    # Vertical-slash heads run in query blocks of SLASH_BLOCK rows (natural order) and leave
-    # alone the sub-blocks of blocks that hold text (dense in the natural index).
-    slash_order: TokenOrder
-    slash_skip: torch.Tensor  # bool [1, N / SLASH_BLOCK]
+    # Fine blocks (FINE_BLOCK rows, natural order): vertical-slash heads run their rows in them,
+    # leaving alone (``slash_skip``) those in a text block filled dense in the natural index
+    # (``text_fill``) or holding text; a long text block is not filled: its fine blocks that hold
+    # text (``text_rows``, host ints) are dense in another launch, its others follow the pattern.
+    fine_order: TokenOrder
+    slash_skip: torch.Tensor  # bool [1, N / FINE_BLOCK]
+    text_fill: torch.Tensor  # bool [NQ]
+    text_rows: tuple[int, ...]
 
 
 def layout_blocks(layout: TokenLayout, n: int, block: int, device) -> LayoutBlocks:
@@ -246,12 +255,21 @@ def layout_blocks(layout: TokenLayout, n: int, block: int, device) -> LayoutBloc
     order = TokenOrder.causal(n, n, block, block, device=device)
     visible = order.block_visibility()[0][0]
     visual = _video_rows(layout, n, device)
-    padded = torch.nn.functional.pad(visual, (0, visible.shape[0] * block - n))
-    video_blocks = padded.view(-1, block).all(-1)
-    fine = min(block, SLASH_BLOCK)
-    slash_order = TokenOrder.causal(n, n, fine, fine, device=device)
-    slash_skip = (~video_blocks).repeat_interleave(block // fine)[: slash_order.num_q_blocks]
-    return LayoutBlocks(order, visible, visual, video_blocks, slash_order, slash_skip[None].contiguous())
+    nq = visible.shape[0]
+    video_blocks = torch.nn.functional.pad(visual, (0, nq * block - n)).view(-1, block).all(-1)
+    fine = min(block, FINE_BLOCK)
+    fine_order = TokenOrder.causal(n, n, fine, fine, device=device)
+    per = block // fine
+    nf = fine_order.num_q_blocks
+    # Host side, once per request: the long text blocks and the fine blocks holding text.
+    long = torch.zeros(nq, dtype=torch.bool)
+    long[list(long_text_rows(layout, n, block))] = True
+    text = torch.nn.functional.pad(layout.modality_ids()[:n] == 0, (0, nf * fine - n)).view(nf, fine).any(-1)
+    fill = ~torch.nn.functional.pad(layout.modality_ids()[:n] != 0, (0, nq * block - n)).view(nq, block).all(-1) & ~long
+    text_rows = tuple(torch.nonzero(text & long.repeat_interleave(per)[:nf]).flatten().tolist())
+    skip = (fill.repeat_interleave(per)[:nf] | text)[None]
+    return LayoutBlocks(order, visible, visual, video_blocks, fine_order, to_device(skip, device),
+                        to_device(fill, device), text_rows)
 
 
 def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, cfg: SelectionConfig,
@@ -340,9 +358,9 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
         for mult, mask in zip(mults, bands):
             add("grid", f"band={mult * frames}", f"{mult}F", mask[None], row_stats=pstats, cost_rows=pvideo,
                 vis=pvisible[0])
-    plan = _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg)
-    plan.slash_order = blocks.slash_order
-    plan.long_rows = long_text_rows(layout, n, bs)
+    plan = _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg, blocks.text_fill)
+    plan.fine_order, plan.text_rows = blocks.fine_order, blocks.text_rows
+    plan.density_t = _density(plan)
     if plan.grid is not None:
         plan.grid_long_rows = long_text_rows(layout, n, bs, permuted=True)
     return plan
@@ -351,10 +369,12 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
 def long_text_rows(layout: TokenLayout, n: int, block: int, permuted: bool = False) -> tuple[int, ...]:
     """Query blocks holding text whose causal row may be longer than the kernel's segment:
     every sparse head computes text rows densely, so a trailing question's block would be one
-    program walking every key block (``kernels.sparse_attention`` splits these rows). In the
-    natural order row r sees r + 1 key blocks; in the grid's permuted order a text block also
-    holds video rows of many frames (block 0: the first spatial position of the first frames),
-    which see far more, so every text block is split there. From the spans: no device work."""
+    program walking every key block. In the natural order row r sees r + 1 key blocks: these
+    blocks are not filled dense in the index; their fine blocks holding text are computed apart,
+    split across programs (``LayerPlan.text_rows``, the kernel's ``dense_rows``). In the grid's
+    permuted order a text block also holds video rows of many frames (block 0: the first spatial
+    position of the first frames), which see far more, so every text block is split there (the
+    kernel's ``long_rows``). From the spans: no device work."""
     from ..kernels.sparse_attention import SEGMENT_BLOCKS
 
     rows = set()
@@ -402,17 +422,18 @@ def _slash_indices(q, k, layout: TokenLayout, blocks: LayoutBlocks, budgets, hea
         s = s_score.clone()
         s[:, : min(n_diag // 2, n)] = float("inf")  # half the diagonals: the nearest band
         diags = s.topk(min(n_diag, n), -1).indices
-        out.append(slash_index(diags[None], cols[None], blocks.slash_order, skip=blocks.slash_skip))
+        out.append(slash_index(diags[None], cols[None], blocks.fine_order, skip=blocks.slash_skip))
     return out
 
 
 def _score_slash(stats: RowStats, slash: SlashIndex, blocks: LayoutBlocks, rows: torch.Tensor, v: torch.Tensor,
                  block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(recall, error, cost) [H] of a vertical-slash candidate on the sampled rows, on the exact
-    keys its tiles and columns compute (a sampled row in a text block is dense there). Cost:
-    query-key pairs computed in the video query blocks, in blocks, over their causal block area."""
+    keys its tiles and columns compute (a sampled row in a block its launch leaves alone is dense
+    there: text). Cost: query-key pairs computed in the video query blocks, in blocks, over their
+    causal block area."""
     keep = slash_rows_keep(slash, rows)
-    keep[:, ~blocks.video_blocks[rows // block]] = 1
+    keep[:, slash.skip[0, rows // slash.block_m]] = 1
     rec, err = _evaluate_tokens(stats, keep, v)
     pairs = slash.keys_per_block()[0].sum(-1) * slash.block_m  # skipped (text) blocks read nothing
     cost = (pairs / (block * block) / blocks.visible[blocks.video_blocks].sum().clamp(min=1)).float()
@@ -479,7 +500,7 @@ def _shared_rows(candidates: list[Candidate], chosen: list[int], visible: torch.
     return compile_block_mask(mask[None], order, head_rows=head_rows, full_width=full_width)
 
 
-def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> LayerPlan:
+def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg, text_fill) -> LayerPlan:
     dev = visible.device
     chosen = [-1] * hq
     table = {"recall": [], "error": [], "cost": []}
@@ -504,7 +525,7 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> Lay
     errors = [table["error"][c][h] if c >= 0 else 0.0 for h, c in enumerate(chosen)]
     grid_heads = [h for h, kind in enumerate(kinds) if kind == "grid"]
     # A fixed plan is built per layer during the prefill: full-width rows need no read-back.
-    natural = _shared_rows(candidates, chosen, visible, text_blocks, order, full_width=cfg.forced is not None)
+    natural = _shared_rows(candidates, chosen, visible, text_fill, order, full_width=cfg.forced is not None)
     plan = LayerPlan(kinds, budgets, recalls, errors, natural, order, labels=labels)
     plan.table = {c.label: {name: values[i] for name, values in table.items()} for i, c in enumerate(candidates)}
     plan.dense_heads = [h for h, c in enumerate(chosen) if c < 0]
@@ -524,7 +545,6 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg) -> Lay
         plan.grid = compile_block_mask(masks, porder, head_rows=rows, full_width=cfg.forced is not None)
         plan.grid_heads = to_device(grid_heads, dev, torch.long)
         plan.grid_order, plan.perm, plan.inverse = porder, perm, inverse
-    plan.density_t = _density(plan)
     return plan
 
 
@@ -556,6 +576,10 @@ def _density(plan: LayerPlan) -> torch.Tensor:
     n = plan.order.q_pos.shape[1]
     causal_pairs = n * (n + 1) / 2
     computed = plan.natural.pairs() + len(plan.dense_heads) * causal_pairs
+    if plan.text_rows:  # every head's dense text rows (written over what the natural index gave them)
+        fine = plan.fine_order.block_m
+        rows = [r for b in plan.text_rows for r in range(b * fine, min(n, (b + 1) * fine))]
+        computed = computed + len(plan.kinds) * (sum(rows) + len(rows))
     for apart in (plan.grid, plan.estimated, plan.slash):
         if apart is not None:
             computed = computed + apart.pairs()
