@@ -175,7 +175,7 @@ def slash_token_mask(index: SlashIndex, order: TokenOrder, rows: torch.Tensor | 
 
 @triton.jit(do_not_specialize=["H", "MQ", "MK", "NQ"])
 def _slash_attention_fwd(
-    Q, K, V, O, QPOS, KPOS, QMIN, STARTS, WIDTHS, FIRST, COUNT, COLUMNS, COLUMN_COUNT, COVER, SKIP, HEAD_MAP,
+    Q, K, V, O, QPOS, KPOS, QMIN, STARTS, WIDTHS, FIRST, COUNT, COLUMNS, COLUMN_COUNT, COVER, SKIP, HEAD_MAP, QHEADS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -183,8 +183,10 @@ def _slash_attention_fwd(
     stride_tb, stride_th, stride_fb, stride_fh, stride_cb, stride_ch, stride_xb, stride_xh,
     H, MQ, MK, NQ, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr, HAS_COLUMNS: tl.constexpr,
+    HAS_QHEADS: tl.constexpr,
 ):
-    # One program per (batch x head, query block), the latest (heaviest) blocks first.
+    # One program per (batch x index head, query block), the latest (heaviest) blocks first.
+    # Index head h is query head QHEADS[h] of Q and O (with HAS_QHEADS), else h.
     bh = tl.program_id(0)
     qb = NQ - 1 - tl.program_id(1)
     b = bh // H
@@ -192,7 +194,10 @@ def _slash_attention_fwd(
     if tl.load(SKIP + b * NQ + qb) != 0:
         return
     kvh = tl.load(HEAD_MAP + h)
-    b64, h64, kvh64 = b.to(tl.int64), h.to(tl.int64), kvh.to(tl.int64)
+    qh = h
+    if HAS_QHEADS:
+        qh = tl.load(QHEADS + h)
+    b64, h64, kvh64 = b.to(tl.int64), qh.to(tl.int64), kvh.to(tl.int64)
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -247,43 +252,56 @@ def _slash_attention_fwd(
 
 def slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SlashIndex, order: TokenOrder, *,
                     head_map: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                    scale: float | None = None, num_warps: int | None = None,
+                    scale: float | None = None, heads: torch.Tensor | None = None, num_warps: int | None = None,
                     num_stages: int | None = None) -> torch.Tensor:
     """Attention of q [B, H, Mq, D] over k, v [B, Hkv, Mk, D] (query head ``h`` reads KV head
     ``head_map[h]``, default grouped) for the index's heads, written into ``out`` [B, Mq, H, D]
     (any strides) for the rows of the blocks the index does not skip; other rows of ``out`` are
-    left as they are (zeros in a new one). Triton on CUDA or under the interpreter, chunked
-    torch otherwise."""
+    left as they are (zeros in a new one). ``heads`` (int [H_index]): the index's head ``i`` is
+    query head ``heads[i]`` of q and ``out`` (read and written in place: a few heads of a layer,
+    nothing gathered); ``head_map`` is then per index head, default ``heads[i] // group``.
+    Triton on CUDA or under the interpreter, chunked torch otherwise."""
     bsz, hq, mq, d = q.shape
     hkv, mk = k.shape[1], k.shape[2]
-    if index.starts.shape[:2] != (bsz, hq) or order.q_pos.shape != (bsz, mq) or order.k_pos.shape != (bsz, mk):
+    if heads is not None:
+        heads = heads.to(device=q.device, dtype=torch.int32)
+        if heads.dim() != 1:
+            raise ValueError(f"heads must be a 1-D list of query heads of q; got shape {tuple(heads.shape)}")
+    rows_h = hq if heads is None else len(heads)  # the index's heads
+    if index.starts.shape[:2] != (bsz, rows_h) or order.q_pos.shape != (bsz, mq) or order.k_pos.shape != (bsz, mk):
         raise ValueError(f"slash index for {tuple(index.starts.shape[:2])} (batch, heads) and order for "
                          f"{tuple(order.q_pos.shape)} queries, {tuple(order.k_pos.shape)} keys do not fit q "
-                         f"{tuple(q.shape)} and k {tuple(k.shape)}")
+                         f"{tuple(q.shape)}{'' if heads is None else f' (heads {heads.tolist()})'} and k {tuple(k.shape)}")
     if index.block_m != order.block_m or index.cover.shape[-1] != mk + index.block_m:
         raise ValueError("the slash index was built for another token order; build it with slash_index(..., order)")
     if head_map is None:
         if hq % hkv:
             raise ValueError(f"{hq} query heads are no multiple of {hkv} KV heads: pass head_map")
-        head_map = torch.arange(hq, device=q.device, dtype=torch.int32) // (hq // hkv)
+        head_map = (torch.arange(hq, device=q.device, dtype=torch.int32) if heads is None else heads) // (hq // hkv)
     if out is None:
         out = torch.zeros((bsz, mq, hq, d), dtype=q.dtype, device=q.device)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if not runs_triton(q):
-        return _chunked(q, k, v, index, order, head_map, out, scale)
+        if heads is None:
+            return _chunked(q, k, v, index, order, head_map, out, scale)
+        picked = heads.long()
+        part = _chunked(q.index_select(1, picked), k, v, index, order, head_map, out.index_select(2, picked), scale)
+        return out.index_copy_(2, picked, part)
     nq = order.num_q_blocks
     with on_device(q):
-        _slash_attention_fwd[(bsz * hq, nq)](
+        _slash_attention_fwd[(bsz * rows_h, nq)](
             q, k, v, out, order.q_pos, order.k_pos, order.q_min, index.starts, index.widths, index.first,
             index.count, index.columns, index.column_count, index.cover, index.skip, head_map,
+            heads if heads is not None else head_map,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(2), out.stride(1),
             index.starts.stride(0), index.starts.stride(1), index.first.stride(0), index.first.stride(1),
             index.columns.stride(0), index.columns.stride(1), index.cover.stride(0), index.cover.stride(1),
-            hq, mq, mk, nq, scale * LOG2E,
+            rows_h, mq, mk, nq, scale * LOG2E,
             HEAD_DIM=d, BLOCK_M=index.block_m, TILE=index.tile, HAS_COLUMNS=index.columns.shape[-1] > 0,
+            HAS_QHEADS=heads is not None,
             num_warps=num_warps or (8 if q.is_cuda and index.block_m >= 128 else 4),
             num_stages=num_stages or (3 if q.is_cuda else 1),
         )

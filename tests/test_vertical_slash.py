@@ -131,6 +131,30 @@ def test_kernel_matches_masked_attention_and_leaves_skipped_rows(dtype):
     assert covered_col in (0, 1)  # (the case has columns inside tiles for some blocks)
 
 
+@pytest.mark.parametrize("backend", ["kernel", "cpu"])
+def test_heads_are_read_and_written_in_place(monkeypatch, backend):
+    """``heads``: the index's heads are query heads [3, 1] of a 4-head layer (KV heads 1 and 0),
+    read from q and written into a [B, N, 4, D] output in place; the same as running them
+    gathered, and the other heads of the output stay as they were."""
+    import mmsparse.kernels.vertical_slash as module
+
+    if backend == "cpu":
+        monkeypatch.setattr(module, "runs_triton", lambda t: False)
+    order, index, diags, cols, skip = case(3, heads=2, batch_lens=[100, 61])
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, h, 100, 32, generator=g).to(DEVICE) for h in (4, 2, 2))
+    picked = torch.tensor([3, 1], device=DEVICE)
+    want = slash_attention(q[:, picked], k, v, index, order, head_map=(picked // 2).to(torch.int32))
+    out = torch.full((2, 100, 4, 32), float("nan"), device=DEVICE)
+    res = slash_attention(q, k, v, index, order, heads=picked, out=out)
+    assert res is out
+    kept = ~skip.to(DEVICE).repeat_interleave(order.block_m, 1)[:, :100]
+    torch.testing.assert_close(out[:, :, [3, 1]][kept], want[kept], **TOL[torch.float32])
+    assert out[:, :, [0, 2]].isnan().all(), "other heads are not touched"
+    with pytest.raises(ValueError, match="do not fit"):
+        slash_attention(q, k, v, index, order, heads=torch.tensor([0, 1, 2], device=DEVICE))
+
+
 def test_full_budget_is_dense_causal_attention():
     """Every diagonal: the tiles cover every earlier key, so the rows equal causal SDPA."""
     n, bm = 70, 16
