@@ -1122,6 +1122,22 @@ def test_profile_counts_gpu_busy_time_once_and_names_kernels():
     assert category("Memset (Device)") == "other"
 
 
+def test_sampled_attention_is_the_rows_causal_softmax():
+    """The sampled rows' attention (GQA by reshape; on CUDA half-precision Q and K multiplied into
+    float32 scores) equals the float32 causal softmax of those rows; the host hint of the first
+    row changes nothing."""
+    g = torch.Generator().manual_seed(3)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    q = torch.randn(1, 4, 90, 16, generator=g).to(DEVICE, dtype)
+    k = torch.randn(1, 2, 90, 16, generator=g).to(DEVICE, dtype)
+    rows = torch.tensor([40, 41, 70, 89], device=DEVICE)
+    s = torch.einsum("hsd,hkd->hsk", q[0, :, rows].float(), k[0].float().repeat_interleave(2, 0)) / 4
+    s = s.masked_fill(torch.arange(90, device=DEVICE)[None, None, :] > rows[None, :, None], float("-inf"))
+    want = s.softmax(-1)
+    for first in (None, 40):
+        torch.testing.assert_close(selection._sampled_attention(q, k, rows, first=first), want, atol=1e-5, rtol=1e-3)
+
+
 def test_vertical_slash_scoring_reads_the_keys_the_kernel_computes():
     """Scoring a vertical-slash candidate uses, per sampled row, exactly the keys its index makes
     that row compute (``slash_token_mask``, before causality, which the scores carry)."""

@@ -210,10 +210,9 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
                                                      head_map=head_map, heads_fastest=True,
                                                      dense_rows=plan.text_rows, dense_block=plan.fine_order.block_m,
                                                      out=target))
-        if plan.slash is not None:  # the natural launch wrote their text rows
-            pending += _heads_apart(query, key, value, plan.slash_heads, out, lambda q, k, v, head_map, target:
-                                    slash_attention(q, k, v, plan.slash, plan.fine_order, head_map=head_map,
-                                                    out=target, scale=scaling))
+        if plan.slash is not None:  # the natural launch wrote their text rows; read and written in place
+            slash_attention(query, key, value, plan.slash, plan.fine_order, out=out, scale=scaling,
+                            heads=to_device(plan.slash_heads, query.device, torch.int32))
         for heads in pending:  # their natural rows are empty (written as zeros): fill them
             heads.write_into(out)
     request.stats.add_layer({

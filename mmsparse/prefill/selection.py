@@ -123,14 +123,22 @@ def _sample_rows(visual: torch.Tensor, count: int) -> torch.Tensor:
     return rows[pick]
 
 
-def _sampled_attention(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """[Hq, S, N] float32 exact causal attention of the sampled rows (batch 1, GQA by reshape)."""
+def _sampled_attention(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, first: int | None = None) -> torch.Tensor:
+    """[Hq, S, N] float32 exact causal attention of the sampled rows (batch 1, GQA by reshape).
+    On CUDA, half-precision Q and K are multiplied as they are, into float32 scores (the GEMM
+    accumulates in float32 either way; converting K first wrote a float32 copy of it). ``first``:
+    the smallest of ``rows``, known on the host; only keys from there on can lie past a row."""
     hq, d = q.shape[1], q.shape[-1]
-    hkv = k.shape[1]
-    qs = q[0, :, rows].float().view(hkv, hq // hkv, len(rows), d)
-    s = torch.einsum("grsd,gkd->grsk", qs, k[0].float()).reshape(hq, len(rows), -1) / math.sqrt(d)
-    keys = torch.arange(k.shape[2], device=q.device)
-    s.masked_fill_(keys[None, None, :] > rows[None, :, None], float("-inf"))
+    hkv, n = k.shape[1], k.shape[2]
+    qs = q[0, :, rows].reshape(hkv, hq // hkv * len(rows), d)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype:
+        s = torch.bmm(qs, k[0].transpose(1, 2), out_dtype=torch.float32)
+    else:
+        s = torch.bmm(qs.float(), k[0].float().transpose(1, 2))
+    s = s.view(hq, len(rows), n).mul_(1 / math.sqrt(d))
+    lo = 0 if first is None else min(first, n)
+    keys = torch.arange(lo, n, device=q.device)
+    s[..., lo:].masked_fill_(keys[None, None, :] > rows[None, :, None], float("-inf"))
     return s.softmax(-1)
 
 
@@ -387,13 +395,19 @@ def long_text_rows(layout: TokenLayout, n: int, block: int, permuted: bool = Fal
 def _slash_indices(q, k, layout: TokenLayout, blocks: LayoutBlocks, budgets, heads: tuple[int, ...] | None,
                    sink: int) -> list[SlashIndex]:
     """MInference's estimate, one ``SlashIndex`` per budget (rows: ``heads``, or every query
-    head): columns by the attention summed over the trailing question rows (the keys the answer
-    reads) and the last video rows (up to 64 consecutive ones, ending at the last visual token);
-    diagonals by those rows' attention summed along each diagonal (consecutive rows, so one
-    strided view), the nearest half of the budget always. With ``heads`` (a fixed plan) only
-    those query heads are estimated: at 512K tokens the estimate of all 28 heads holds several
-    GB of float32 scores. Text query blocks are left to the natural index (dense there). Rows
-    come from the layout: nothing here reads the device back."""
+    head); see ``_slash_scores`` and ``_slash_from_scores``."""
+    return _slash_from_scores(*_slash_scores(q, k, layout, heads, sink), budgets, blocks)
+
+
+def _slash_scores(q, k, layout: TokenLayout, heads: tuple[int, ...] | None, sink: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vertical-slash estimate's scores [H, N] of query ``heads`` (or every head): columns
+    by the attention summed over the trailing question rows (the keys the answer reads) and the
+    last video rows (up to 64 consecutive ones, ending at the last visual token), the sink
+    columns first always; diagonals by those rows' attention summed along each diagonal
+    (consecutive rows, so one strided view). With ``heads`` (a fixed plan) only those query
+    heads are estimated: at 512K tokens the estimate of all 28 heads holds several GB of float32
+    scores. Rows come from the layout: nothing here reads the device back."""
     n = q.shape[2]
     tail = layout.visual_tail(64)
     tail = range(tail.start, min(tail.stop, n))
@@ -407,14 +421,23 @@ def _slash_indices(q, k, layout: TokenLayout, blocks: LayoutBlocks, budgets, hea
             q, k = q[:, heads[0]:heads[0] + 1], k[:, heads[0] // group:heads[0] // group + 1]
         else:
             heads_t = to_device(heads, dev, torch.long)
-            q, k = q[:, heads_t], k[:, heads_t // group]
+            q, k = q.index_select(1, heads_t), k.index_select(1, heads_t // group)
+    asked = max(layout.question_start, n - 64)
     last = torch.arange(tail.start, tail.stop, device=dev)
-    question = torch.arange(max(layout.question_start, n - 64), n, device=dev)
-    # The tail and question rows in one pass (K converted and multiplied once).
-    p = _sampled_attention(q, k, torch.cat([last, question]) if len(question) else last)
+    question = torch.arange(asked, n, device=dev)
+    # The tail and question rows in one pass (K multiplied once).
+    p = _sampled_attention(q, k, torch.cat([last, question]) if len(question) else last, first=min(tail.start, asked))
     v_score = p.sum(1)
     v_score[:, : min(sink, n)] = float("inf")  # the sink columns always
     s_score = diagonal_sums(p[None, :, : len(last)], last[None].to(torch.int32), first=(tail.start,))[0]
+    return v_score, s_score
+
+
+def _slash_from_scores(v_score: torch.Tensor, s_score: torch.Tensor, budgets, blocks: LayoutBlocks) -> list[SlashIndex]:
+    """One ``SlashIndex`` per (columns, diagonals) budget from the scores: the top columns, and
+    the top diagonals with the nearest half of the budget always. Blocks holding text are left
+    to the other launches (``LayoutBlocks.slash_skip``)."""
+    n = v_score.shape[-1]
     top_cols = v_score.topk(min(max(c for c, _ in budgets), n), -1).indices  # best first: each budget is a prefix
     out = []
     for n_cols, n_diag in budgets:
@@ -457,14 +480,19 @@ def estimate_slash(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, labels
                    context: LayoutBlocks, sink: int = SelectionConfig.sink) -> SlashIndex:
     """The ``SlashIndex`` of query heads ``labels`` (head -> "vertical_slash:C/D") of one layer,
     rows in ascending head order: how a cached fixed plan (``estimate=False``) is completed."""
+    heads = sorted(labels)
+    v_score, s_score = _slash_scores(q, k, layout, tuple(heads), sink)  # one pass for every budget
     by_budget: dict[tuple[int, int], list[int]] = {}
-    for h in sorted(labels):
+    for i, h in enumerate(heads):
         n_cols, n_diag = (int(x) for x in labels[h].split(":", 1)[1].split("/"))
-        by_budget.setdefault((n_cols, n_diag), []).append(h)
+        by_budget.setdefault((n_cols, n_diag), []).append(i)
+    if len(by_budget) == 1:
+        return _slash_from_scores(v_score, s_score, list(by_budget), context)[0]
     parts, order = [], []
-    for budget, heads in by_budget.items():
-        parts += _slash_indices(q, k, layout, context, [budget], tuple(heads), sink)
-        order += heads
+    for budget, rows in by_budget.items():
+        at = to_device(rows, q.device, torch.long)
+        parts += _slash_from_scores(v_score.index_select(0, at), s_score.index_select(0, at), [budget], context)
+        order += [heads[i] for i in rows]
     return _in_head_order(parts, order, q.device)
 
 
