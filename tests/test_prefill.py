@@ -839,20 +839,27 @@ def test_long_text_rows_are_split_and_change_nothing(monkeypatch, labels):
     torch.testing.assert_close(out, ref, **KERNEL)
 
 
+def _layer_in_fine_blocks(monkeypatch, labels: tuple[str, ...], seed: int):
+    """One layer of ``labels`` in blocks of 32 with fine blocks of 16 (text: rows 0-19 and
+    276-289 of 290): (layout, (q, k, v), the plan it ran, its output)."""
+    monkeypatch.setattr(selection, "FINE_BLOCK", 16)
+    monkeypatch.setattr(selection, "VERTICAL_SLASH", ((8, 16),))
+    layout = _video_layout(pre=20, frames=16, per_frame=16, post=14)
+    qkv = _grid_qkv(layout, seed=seed)
+    used = _record_returns(monkeypatch, prefill_attention, "_layer_plan")
+    cfg = PrefillConfig(min_length=0, block_size=32, gamma=0.9, max_density=1.0)
+    out, _ = sparse_prefill_attention(*qkv, PrefillRequest(layout, cfg, plans={0: labels}), layer=0, scaling=None)
+    (plan,) = used
+    return layout, qkv, plan, out
+
+
 def test_vertical_slash_heads_run_in_finer_query_blocks(monkeypatch):
     """A vertical-slash head's video rows run in blocks of ``FINE_BLOCK`` rows when that is finer
     than the plan's blocks: each block reads a diagonal as a range as long as the block, so it
     computes fewer pairs than in the plan's blocks (a subset), leaves the sub-blocks of text blocks
     to the natural index, and the layer is still exactly its plan's masked attention."""
-    monkeypatch.setattr(selection, "FINE_BLOCK", 16)
-    monkeypatch.setattr(selection, "VERTICAL_SLASH", ((8, 16),))
-    layout = _video_layout(pre=20, frames=16, per_frame=16, post=14)
-    q, k, v = _grid_qkv(layout, seed=31)
     labels = ("a_shape:128", "vertical_slash:8/16", "dense", "vertical_slash:8/16")
-    used = _record_returns(monkeypatch, prefill_attention, "_layer_plan")
-    cfg = PrefillConfig(min_length=0, block_size=32, gamma=0.9, max_density=1.0)
-    out, _ = sparse_prefill_attention(q, k, v, PrefillRequest(layout, cfg, plans={0: labels}), layer=0, scaling=None)
-    (plan,) = used
+    layout, (q, k, v), plan, out = _layer_in_fine_blocks(monkeypatch, labels, seed=31)
     assert plan.slash.block_m == plan.fine_order.block_m == 16 and plan.order.block_m == 32
     text = ~_video_block_rows(layout, 32).to(q.device)
     assert torch.equal(plan.slash.skip[0], text.repeat_interleave(2)[: plan.fine_order.num_q_blocks])
@@ -873,15 +880,8 @@ def test_a_long_question_is_dense_in_fine_blocks_only(monkeypatch):
     import mmsparse.kernels.sparse_attention as kernel
 
     monkeypatch.setattr(kernel, "SEGMENT_BLOCKS", 2)
-    monkeypatch.setattr(selection, "FINE_BLOCK", 16)
-    monkeypatch.setattr(selection, "VERTICAL_SLASH", ((8, 16),))
-    layout = _video_layout(pre=20, frames=16, per_frame=16, post=14)  # text: rows 0-19 and 276-289
-    q, k, v = _grid_qkv(layout, seed=33)
     labels = ("a_shape:128", "vertical_slash:8/16", "block:0.9", "grid:2F")
-    used = _record_returns(monkeypatch, prefill_attention, "_layer_plan")
-    cfg = PrefillConfig(min_length=0, block_size=32, gamma=0.9, max_density=1.0)
-    out, _ = sparse_prefill_attention(q, k, v, PrefillRequest(layout, cfg, plans={0: labels}), layer=0, scaling=None)
-    (plan,) = used
+    layout, (q, k, v), plan, out = _layer_in_fine_blocks(monkeypatch, labels, seed=33)
     assert plan.text_rows == (17, 18)  # rows 272-287 and 288-289 (blocks 8 and 9 of 32 are long)
     mask = _plan_token_mask(plan, 4)
     causal = torch.arange(layout.seq_len, device=q.device)[None, :] <= torch.arange(layout.seq_len, device=q.device)[:, None]
