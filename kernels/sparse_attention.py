@@ -344,7 +344,7 @@ def sparse_attention(
     if index.block_n % tile_n or tile_n < 16 or tile_n & (tile_n - 1):
         raise ValueError(f"key_tile must be a power of two >= 16 dividing block_n={index.block_n}; got {tile_n}")
     if num_warps is None:
-        num_warps = 8 if sub_m * tile_n >= 128 * 64 and q.is_cuda else 4
+        num_warps = _warps(sub_m, tile_n, q)
     if num_stages is None:
         num_stages = 3 if q.is_cuda else 1
     if use_tma is None:
@@ -400,12 +400,17 @@ def sparse_attention(
             d_parts = _Parts.make(dense, d_segment, -(-key_blocks // d_segment), bsz * hq, dense_block, d, q.device,
                                   dense=True)
             launch((bsz * hq, len(dense) * d_parts.segments), False, d_parts, dense_block,
-                   8 if dense_block * tile_n >= 128 * 64 and q.is_cuda else 4)
+                   _warps(dense_block, tile_n, q))
     if split:
         _merge_segments(parts.acc, parts.ml, split, index.block_m, out, lse if return_lse else None, rows)
     if dense:
         _merge_segments(d_parts.acc, d_parts.ml, dense, dense_block, out, lse if return_lse else None)
     return (out, lse) if return_lse else out
+
+
+def _warps(rows: int, keys: int, q: torch.Tensor) -> int:
+    """Warps of a program of ``rows`` query rows and K/V tiles of ``keys`` keys."""
+    return 8 if rows * keys >= 128 * 64 and q.is_cuda else 4
 
 
 @dataclass

@@ -264,19 +264,21 @@ def layout_blocks(layout: TokenLayout, n: int, block: int, device) -> LayoutBloc
     visible = order.block_visibility()[0][0]
     visual = _video_rows(layout, n, device)
     nq = visible.shape[0]
-    video_blocks = torch.nn.functional.pad(visual, (0, nq * block - n)).view(-1, block).all(-1)
     fine = min(block, FINE_BLOCK)
     fine_order = TokenOrder.causal(n, n, fine, fine, device=device)
     per = block // fine
     nf = fine_order.num_q_blocks
-    # Host side, once per request: the long text blocks and the fine blocks holding text.
+    # On the host, once per request: blocks of video rows only, the long text blocks, the fine
+    # blocks holding text.
+    ids = layout.modality_ids()[:n]
+    video = torch.nn.functional.pad(ids != 0, (0, nq * block - n)).view(nq, block).all(-1)
     long = torch.zeros(nq, dtype=torch.bool)
     long[list(long_text_rows(layout, n, block))] = True
-    text = torch.nn.functional.pad(layout.modality_ids()[:n] == 0, (0, nf * fine - n)).view(nf, fine).any(-1)
-    fill = ~torch.nn.functional.pad(layout.modality_ids()[:n] != 0, (0, nq * block - n)).view(nq, block).all(-1) & ~long
+    text = torch.nn.functional.pad(ids == 0, (0, nf * fine - n)).view(nf, fine).any(-1)
+    fill = ~video & ~long
     text_rows = tuple(torch.nonzero(text & long.repeat_interleave(per)[:nf]).flatten().tolist())
     skip = (fill.repeat_interleave(per)[:nf] | text)[None]
-    return LayoutBlocks(order, visible, visual, video_blocks, fine_order, to_device(skip, device),
+    return LayoutBlocks(order, visible, visual, to_device(video, device), fine_order, to_device(skip, device),
                         to_device(fill, device), text_rows)
 
 
