@@ -274,6 +274,10 @@ def slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: Sl
                          f"{tuple(q.shape)}{'' if heads is None else f' (heads {heads.tolist()})'} and k {tuple(k.shape)}")
     if index.block_m != order.block_m or index.cover.shape[-1] != mk + index.block_m:
         raise ValueError("the slash index was built for another token order; build it with slash_index(..., order)")
+    if index.widths.stride() != index.starts.stride() or index.column_count.stride() != index.first.stride():
+        # the kernel reads widths with the strides of starts, column counts with those of first
+        index = replace(index, **{name: getattr(index, name).contiguous()
+                                  for name in ("starts", "widths", "first", "column_count")})
     if head_map is None:
         if hq % hkv:
             raise ValueError(f"{hq} query heads are no multiple of {hkv} KV heads: pass head_map")

@@ -7,6 +7,7 @@ the interpreter's bfloat16 ``tl.dot`` is wrong); on a GPU the same cases run in 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -153,6 +154,23 @@ def test_heads_are_read_and_written_in_place(monkeypatch, backend):
     assert out[:, :, [0, 2]].isnan().all(), "other heads are not touched"
     with pytest.raises(ValueError, match="do not fit"):
         slash_attention(q, k, v, index, order, heads=torch.tensor([0, 1, 2], device=DEVICE))
+
+
+def test_index_parts_with_their_own_strides_are_read_right():
+    """The kernel reads tile widths with the tile starts' strides and column counts with the
+    first tiles' strides: an index whose parts are laid out apart (views of wider tensors) is
+    made contiguous first, so the result is the same."""
+    order, index, diags, cols, skip = case(4, heads=2)
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 100, 16, generator=g).to(DEVICE) for _ in range(3))
+    want = slash_attention(q, k, v, index, order)
+
+    def strided(t: torch.Tensor) -> torch.Tensor:  # same values, another layout
+        return torch.cat([t, t], -1)[..., : t.shape[-1]]
+
+    spread = dataclasses.replace(index, widths=strided(index.widths), column_count=strided(index.column_count))
+    assert spread.widths.stride() != index.starts.stride()
+    torch.testing.assert_close(slash_attention(q, k, v, spread, order), want)
 
 
 def test_full_budget_is_dense_causal_attention():
