@@ -169,15 +169,12 @@ class RowStats:
         return cls(pb.sum(-1).reshape(h, s, nk), pv, row_blocks, p if keep_rows else None, dense,
                    dense.norm(dim=-1).clamp(min=1e-20))
 
-    def evaluate(self, mask: torch.Tensor, extra_mass: torch.Tensor | None = None,
-                 extra_pv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def evaluate(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(recall [H], relative output error [H]) of a block mask [H|1, NQ, NK], averaged over
-        the sampled rows; ``extra_*`` [H, S] / [H, S, D] add single columns kept outside the mask."""
+        the sampled rows (single keys: ``_evaluate_tokens``)."""
         rows_mask = mask[:, self.row_blocks].to(self.mass.dtype)  # [H|1, S, NK]
         kept = (rows_mask * self.mass).sum(-1)
         out = torch.einsum("hsj,hsjd->hsd", rows_mask.expand(self.mass.shape[0], -1, -1), self.pv)
-        if extra_mass is not None:
-            kept, out = kept + extra_mass, out + extra_pv
         dense = self.dense
         approx = out / kept.clamp(min=1e-20)[..., None]
         error = (approx - dense).norm(dim=-1) / self.dense_norm
