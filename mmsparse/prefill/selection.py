@@ -110,11 +110,6 @@ class LayerPlan:
         return self.natural.nbytes() + apart + extra
 
 
-def _video_rows(layout: TokenLayout, n: int, device) -> torch.Tensor:
-    ids = layout.modality_ids(device)[:n]
-    return ids != 0
-
-
 def _sample_rows(visual: torch.Tensor, count: int) -> torch.Tensor:
     rows = torch.nonzero(visual).flatten()
     if len(rows) <= count:
@@ -259,24 +254,24 @@ def layout_blocks(layout: TokenLayout, n: int, block: int, device) -> LayoutBloc
     """The ``LayoutBlocks`` of a prompt of ``n`` tokens (a request builds it once for its layers)."""
     order = TokenOrder.causal(n, n, block, block, device=device)
     visible = order.block_visibility()[0][0]
-    visual = _video_rows(layout, n, device)
     nq = visible.shape[0]
     fine = min(block, FINE_BLOCK)
     fine_order = TokenOrder.causal(n, n, fine, fine, device=device)
     per = block // fine
     nf = fine_order.num_q_blocks
-    # On the host, once per request: blocks of video rows only, the long text blocks, the fine
-    # blocks holding text.
+    # On the host, once per request: the visual rows, blocks of them only, the long text blocks,
+    # the fine blocks holding text.
     ids = layout.modality_ids()[:n]
-    video = torch.nn.functional.pad(ids != 0, (0, nq * block - n)).view(nq, block).all(-1)
+    visual = ids != 0  # video (and image) rows
+    video = torch.nn.functional.pad(visual, (0, nq * block - n)).view(nq, block).all(-1)
     long = torch.zeros(nq, dtype=torch.bool)
     long[list(long_text_rows(layout, n, block))] = True
     text = torch.nn.functional.pad(ids == 0, (0, nf * fine - n)).view(nf, fine).any(-1)
     fill = ~video & ~long
     text_rows = tuple(torch.nonzero(text & long.repeat_interleave(per)[:nf]).flatten().tolist())
     skip = (fill.repeat_interleave(per)[:nf] | text)[None]
-    return LayoutBlocks(order, visible, visual, to_device(video, device), fine_order, to_device(skip, device),
-                        to_device(fill, device), text_rows)
+    return LayoutBlocks(order, visible, to_device(visual, device), to_device(video, device), fine_order,
+                        to_device(skip, device), to_device(fill, device), text_rows)
 
 
 def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, cfg: SelectionConfig,
