@@ -507,6 +507,8 @@ def _merge_segments(part_acc: torch.Tensor, part_ml: torch.Tensor, split: list[i
     bsz, mq, hq, d = out.shape
     heads, count, segments = part_acc.shape[:3]
     chunk = min(block_m, 32)
+    while out.is_cuda and chunk > 8 and heads * count * (block_m // chunk) < _sm_count(out.device):
+        chunk //= 2  # few split rows (one grid head's question): smaller chunks, more programs
     split_rows = to_device(split, out.device, torch.int32)
     row_map = rows.to(torch.int32).contiguous() if rows is not None else split_rows
     with on_device(out):

@@ -757,7 +757,7 @@ def test_a_fixed_plans_dense_heads_are_queued_before_its_index_is_built(monkeypa
     built (the GPU has work while the host builds it); a plan chosen from the input learns them
     from the index build. The layer is the same either way."""
     calls: list = []
-    for name in ("start_dense_heads", "_layer_plan"):
+    for name in ("start_dense_heads_aside", "_layer_plan"):
         real = getattr(prefill_attention, name)
         monkeypatch.setattr(prefill_attention, name,
                             lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
@@ -767,7 +767,7 @@ def test_a_fixed_plans_dense_heads_are_queued_before_its_index_is_built(monkeypa
     labels = ("dense", "grid:2F", "a_shape:128", "dense")
     cfg = PrefillConfig(min_length=0, block_size=16, gamma=0.9, max_density=1.0)
     out, _ = sparse_prefill_attention(q, k, v, PrefillRequest(layout, cfg, plans={0: labels}), layer=0, scaling=None)
-    assert calls == ["start_dense_heads", "_layer_plan"]
+    assert calls == ["start_dense_heads_aside", "_layer_plan"]
     assert plans[0].dense_heads == [0, 3]
     ref, _ = masked_attention(q, k, v, _plan_token_mask(plans[0], 4))
     torch.testing.assert_close(out, ref, **KERNEL)
@@ -1125,6 +1125,10 @@ def test_sampled_attention_is_the_rows_causal_softmax():
     want = s.softmax(-1)
     for first in (None, 40):
         torch.testing.assert_close(selection._sampled_attention(q, k, rows, first=first), want, atol=1e-5, rtol=1e-3)
+    # Some heads only: in one KV head's group (a view of it), across groups (gathered), one head.
+    for heads in ((0, 1), (1, 2), (3,), (0, 2, 3)):
+        torch.testing.assert_close(selection._sampled_attention(q, k, rows, first=40, heads=heads), want[list(heads)],
+                                   atol=1e-5, rtol=1e-3)
 
 
 def test_vertical_slash_scoring_reads_the_keys_the_kernel_computes():

@@ -9,6 +9,7 @@ are gathered with ``index_select``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -37,8 +38,11 @@ class PendingHeads:
 
     heads: slice | torch.Tensor  # which query heads, as a slice or a device index
     output: torch.Tensor
+    ready: torch.cuda.Event | None = None  # set when computed on a side stream
 
     def write_into(self, out: torch.Tensor) -> None:
+        if self.ready is not None:
+            torch.cuda.current_stream(out.device).wait_event(self.ready)
         out[:, :, self.heads] = self.output
 
 
@@ -57,3 +61,32 @@ def start_dense_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         q, k, v = query.index_select(1, selected), key.index_select(1, kv_of), value.index_select(1, kv_of)
     output = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
     return PendingHeads(selected, output.transpose(1, 2))
+
+
+def start_dense_heads_aside(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: list[int],
+                            scaling: float | None) -> PendingHeads:
+    """``start_dense_heads`` on a side stream of the query's CUDA device, so the launches queued
+    after it run beside it: one head's causal SDPA leaves most SMs idle in its last waves (its
+    heaviest query tiles run last), and the layer's sparse launches fill them. ``write_into``
+    waits for it. Elsewhere than CUDA, ``start_dense_heads`` itself."""
+    if query.device.type != "cuda":
+        return start_dense_heads(query, key, value, heads, scaling)
+    main = torch.cuda.current_stream(query.device)
+    side = _side_stream(query.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        pending = start_dense_heads(query, key, value, heads, scaling)
+        pending.ready = torch.cuda.Event()
+        pending.ready.record(side)
+    for tensor in (query, key, value):  # read on the side stream: not reused before it is done
+        tensor.record_stream(side)
+    pending.output.record_stream(main)  # made on the side stream, read and freed on the main one
+    return pending
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=device, priority=SIDE_PRIORITY)
+
+
+SIDE_PRIORITY = 0

@@ -118,18 +118,32 @@ def _sample_rows(visual: torch.Tensor, count: int) -> torch.Tensor:
     return rows[pick]
 
 
-def _sampled_attention(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, first: int | None = None) -> torch.Tensor:
+def _sampled_attention(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, first: int | None = None,
+                       heads: tuple[int, ...] | None = None) -> torch.Tensor:
     """[Hq, S, N] float32 exact causal attention of the sampled rows (batch 1, GQA by reshape).
     On CUDA, half-precision Q and K are multiplied as they are, into float32 scores (the GEMM
     accumulates in float32 either way; converting K first wrote a float32 copy of it). ``first``:
-    the smallest of ``rows``, known on the host; only keys from there on can lie past a row."""
+    the smallest of ``rows``, known on the host; only keys from there on can lie past a row.
+    ``heads`` (a host tuple): only these query heads ([len(heads), S, N]); only their sampled rows
+    are gathered, and their KV heads are read as a view when they share one."""
     hq, d = q.shape[1], q.shape[-1]
     hkv, n = k.shape[1], k.shape[2]
-    qs = q[0, :, rows].reshape(hkv, hq // hkv * len(rows), d)
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype:
-        s = torch.bmm(qs, k[0].transpose(1, 2), out_dtype=torch.float32)
+    if heads is None:
+        qs, ks = q[0, :, rows].reshape(hkv, hq // hkv * len(rows), d), k[0]
     else:
-        s = torch.bmm(qs.float(), k[0].float().transpose(1, 2))
+        group = hq // hkv
+        kv = sorted({h // group for h in heads})
+        heads_t = to_device(heads, q.device, torch.long)
+        qs = q[0][heads_t[:, None], rows[None, :]]  # [H', S, D]: the sampled rows only
+        hq = len(heads)
+        if len(kv) == 1:  # one KV head: a view, the rows of every head in one GEMM
+            qs, ks = qs.reshape(1, hq * len(rows), d), k[0, kv[0]:kv[0] + 1]
+        else:
+            ks = k[0].index_select(0, heads_t // group)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype:
+        s = torch.bmm(qs, ks.transpose(1, 2), out_dtype=torch.float32)
+    else:
+        s = torch.bmm(qs.float(), ks.float().transpose(1, 2))
     s = s.view(hq, len(rows), n).mul_(1 / math.sqrt(d))
     lo = 0 if first is None else min(first, n)
     keys = torch.arange(lo, n, device=q.device)
@@ -409,18 +423,12 @@ def _slash_scores(q, k, layout: TokenLayout, heads: tuple[int, ...] | None, sink
         raise ValueError("vertical-slash patterns estimate from video rows and this prompt has none; "
                          "name another pattern for it")
     dev = q.device
-    if heads is not None:  # one KV head per query head from here: plain multi-head
-        group = q.shape[1] // k.shape[1]
-        if len(heads) == 1:  # views, no copies
-            q, k = q[:, heads[0]:heads[0] + 1], k[:, heads[0] // group:heads[0] // group + 1]
-        else:
-            heads_t = to_device(heads, dev, torch.long)
-            q, k = q.index_select(1, heads_t), k.index_select(1, heads_t // group)
     asked = max(layout.question_start, n - 64)
     last = torch.arange(tail.start, tail.stop, device=dev)
     question = torch.arange(asked, n, device=dev)
     # The tail and question rows in one pass (K multiplied once).
-    p = _sampled_attention(q, k, torch.cat([last, question]) if len(question) else last, first=min(tail.start, asked))
+    p = _sampled_attention(q, k, torch.cat([last, question]) if len(question) else last, first=min(tail.start, asked),
+                          heads=heads)
     v_score = p.sum(1)
     v_score[:, : min(sink, n)] = float("inf")  # the sink columns always
     s_score = diagonal_sums(p[None, :, : len(last)], last[None].to(torch.int32), first=(tail.start,))[0]
