@@ -1164,3 +1164,35 @@ def test_token_scoring_equals_its_definition(n):
     want_err = ((out / pk.sum(-1, keepdim=True) - dense).norm(dim=-1) / dense.norm(dim=-1)).mean(-1)
     torch.testing.assert_close(rec, pk.sum(-1).mean(-1))
     torch.testing.assert_close(err, want_err, atol=1e-5, rtol=1e-4)
+
+
+class _At(torch.cuda.Event):
+    """A CUDA event standing at a fixed time (ms), for the stats' arithmetic on any machine."""
+
+    def __new__(cls, ms: float):
+        event = super().__new__(cls)
+        event.ms = ms
+        return event
+
+    def __init__(self, ms: float) -> None:
+        pass
+
+    def elapsed_time(self, other: "_At") -> float:
+        return other.ms - self.ms
+
+    def synchronize(self) -> None:
+        pass
+
+
+def test_index_time_leaves_out_its_overlap_with_dense_heads_beside_it():
+    """Dense heads on a side stream hold the SMs while the index build's kernels wait: that part
+    of the index interval is attention time; the layer's total is unchanged."""
+    stats = prefill_attention.PrefillStats()
+    marks = (_At(0.0), _At(1.0), _At(9.0), _At(12.0))  # index built from 1 to 9 ms, done at 12
+    stats.add_layer({"density": 0.1}, marks, beside=(_At(0.5), _At(7.0)))  # dense heads 0.5-7 ms
+    stats.add_layer({"density": 0.1}, marks, beside=(_At(9.5), _At(11.0)))  # after the index: no overlap
+    stats.add_layer({"density": 0.1}, marks)
+    first, second, third = stats.layers
+    assert first["index_s"] == pytest.approx(0.002) and first["attention_s"] == pytest.approx(0.010)
+    assert second["index_s"] == third["index_s"] == pytest.approx(0.008)
+    assert second["attention_s"] == pytest.approx(0.004)

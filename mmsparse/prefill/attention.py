@@ -34,23 +34,31 @@ class PrefillStats:
 
     dense_calls: dict[str, int] = field(default_factory=dict)
     _layers: list[dict] = field(default_factory=list)
-    _pending: list[tuple[dict, tuple]] = field(default_factory=list)  # records whose GPU timings are not read yet
+    _pending: list[tuple[dict, tuple, tuple | None]] = field(default_factory=list)  # GPU timings not read yet
 
-    def add_layer(self, record: dict, marks: tuple) -> None:
+    def add_layer(self, record: dict, marks: tuple, beside: tuple | None = None) -> None:
         """Record a layer; ``marks`` (start, index start, indexed, done) are CUDA events or
         perf_counter seconds: the index is built between the middle two, attention runs in the
-        rest. A tensor ``record["density"]`` is still on the device. Both are read when the stats
-        are (one sync then, none in the forward)."""
+        rest. ``beside``: (began, ready) events of dense heads run on a side stream; while they
+        hold the SMs the index build's kernels wait, so that overlap counts as attention. A
+        tensor ``record["density"]`` is still on the device. All are read when the stats are
+        (one sync then, none in the forward)."""
         self._layers.append(record)
-        self._pending.append((record, marks))
+        self._pending.append((record, marks, beside))
 
     @property
     def layers(self) -> list[dict]:
-        for record, (start, index_start, indexed, done) in self._pending:
+        for record, (start, index_start, indexed, done), beside in self._pending:
             if isinstance(done, torch.cuda.Event):
                 done.synchronize()
-                record["index_s"] = index_start.elapsed_time(indexed) / 1e3
-                record["attention_s"] = (start.elapsed_time(index_start) + indexed.elapsed_time(done)) / 1e3
+                index_ms = index_start.elapsed_time(indexed)
+                if beside is not None:  # the index interval's overlap with the dense heads'
+                    began, ready = beside
+                    overlap = min(index_ms, start.elapsed_time(ready) - start.elapsed_time(index_start)) - \
+                        max(0.0, start.elapsed_time(began) - start.elapsed_time(index_start))
+                    index_ms -= max(0.0, overlap)
+                record["index_s"] = index_ms / 1e3
+                record["attention_s"] = start.elapsed_time(done) / 1e3 - record["index_s"]
             else:
                 record["index_s"] = indexed - index_start
                 record["attention_s"] = (index_start - start) + (done - indexed)
@@ -216,9 +224,10 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
                             heads=to_device(plan.slash_heads, query.device, torch.int32))
         for heads in pending:  # their natural rows are empty (written as zeros): fill them
             heads.write_into(out)
+    beside = (pending[0].began, pending[0].ready) if early and pending and pending[0].began is not None else None
     request.stats.add_layer({
         "layer": layer, "density": plan.density_t, "kinds": plan.kinds, "budgets": plan.budgets, "labels": plan.labels,
-        "recall": plan.recall, "error": plan.error}, (started, index_start, indexed, _mark(query.device)))
+        "recall": plan.recall, "error": plan.error}, (started, index_start, indexed, _mark(query.device)), beside)
     return out, None
 
 

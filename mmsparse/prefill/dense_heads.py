@@ -38,11 +38,15 @@ class PendingHeads:
 
     heads: slice | torch.Tensor  # which query heads, as a slice or a device index
     output: torch.Tensor
-    ready: torch.cuda.Event | None = None  # set when computed on a side stream
+    # Computed on a side stream: recorded there before and after (timed events).
+    began: torch.cuda.Event | None = None
+    ready: torch.cuda.Event | None = None
 
     def write_into(self, out: torch.Tensor) -> None:
         if self.ready is not None:
-            torch.cuda.current_stream(out.device).wait_event(self.ready)
+            reader = torch.cuda.current_stream(out.device)
+            reader.wait_event(self.ready)
+            self.output.record_stream(reader)
         out[:, :, self.heads] = self.output
 
 
@@ -75,12 +79,13 @@ def start_dense_heads_aside(query: torch.Tensor, key: torch.Tensor, value: torch
     side = _side_stream(query.device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
+        began = torch.cuda.Event(enable_timing=True)
+        began.record(side)
         pending = start_dense_heads(query, key, value, heads, scaling)
-        pending.ready = torch.cuda.Event()
+        pending.began, pending.ready = began, torch.cuda.Event(enable_timing=True)
         pending.ready.record(side)
     for tensor in (query, key, value):  # read on the side stream: not reused before it is done
         tensor.record_stream(side)
-    pending.output.record_stream(main)  # made on the side stream, read and freed on the main one
     return pending
 
 
