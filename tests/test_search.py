@@ -29,6 +29,19 @@ def test_choose_takes_the_cheapest_candidate_that_meets_the_rule():
     assert choose(table, 2, PrefillConfig(gamma=0.999, max_error=0.95, max_density=0.6)) == ["grid:2F", "grid:2F"]
 
 
+def test_choose_weighs_pairs_by_the_time_its_kernel_takes_per_pair():
+    """A vertical-slash pair costs PAIR_TIME times a block-sparse one: fewer pairs is not less time."""
+    from mmsparse.prefill.selection import pair_time
+
+    w = pair_time("vertical_slash")
+    assert w > 1 and pair_time("a_shape") == 1.0
+    table = {
+        "vertical_slash:250/512": {"recall": [0.97, 0.97], "error": [0.1, 0.1], "cost": [0.10, 0.10]},
+        "a_shape:1024": {"recall": [0.96, 0.96], "error": [0.1, 0.1], "cost": [0.10 * w * 0.9, 0.10 * w * 1.1]},
+    }
+    assert choose(table, 2, PrefillConfig(gamma=0.95)) == ["a_shape:1024", "vertical_slash:250/512"]
+
+
 def test_cli_search_writes_a_plan_the_pipeline_uses(tmp_path):
     out = tmp_path / "plan.json"
     code = main(["search", "--videos", str(sample_video("bikes")), "--nframes", "8", "--sample-queries", "16",

@@ -4,7 +4,7 @@
 forward on each video and, in every layer, scores every candidate pattern (A-shape, vertical-
 slash, block, permuted grid at budgets relative to the length) against the exact attention of
 sampled video rows: kept mass (recall), relative output error and cost. Per head it keeps the
-cheapest candidate whose mean recall reaches ``gamma`` (or whose mean error is at most
+candidate of least time whose mean recall reaches ``gamma`` (or whose mean error is at most
 ``max_error``), else dense. The JSON's ``layers`` maps layer -> one label per head; the prefill
 stage uses it through ``PrefillConfig(plan=PATH)``, or automatically when a model directory
 holds ``PLAN_FILE``.
@@ -26,14 +26,18 @@ PLAN_FILE = "mmsparse-prefill-plan.json"
 
 
 def choose(table: dict[str, dict[str, list[float]]], heads: int, cfg: PrefillConfig) -> list[str]:
-    """Per head, the cheapest label meeting the budget rule (mean over videos), else "dense"."""
+    """Per head, the label of least time (cost x ``pair_time`` of its kind) meeting the budget
+    rule (mean over videos), else "dense": the prefill stage's own rule."""
+    from .selection import pair_time
+
     labels = []
     for h in range(heads):
-        best, best_cost = "dense", float("inf")
+        best, best_time = "dense", float("inf")
         for label, row in table.items():
             good = row["recall"][h] >= cfg.gamma or (cfg.max_error is not None and row["error"][h] <= cfg.max_error)
-            if good and row["cost"][h] <= cfg.max_density and row["cost"][h] < best_cost:
-                best, best_cost = label, row["cost"][h]
+            time = row["cost"][h] * pair_time(label.split(":")[0])
+            if good and row["cost"][h] <= cfg.max_density and time < best_time:
+                best, best_time = label, time
         labels.append(best)
     return labels
 

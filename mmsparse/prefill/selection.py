@@ -2,8 +2,9 @@
 
 For one layer's Q and K: sample video query rows, compute their exact attention over all keys,
 and score every candidate pattern by the attention mass it keeps on those rows (recall) and the
-share of the causal video x all block area it computes (cost). Each head takes the cheapest
-candidate whose recall reaches ``gamma``; a head no candidate serves goes dense. Text rows
+share of the causal video x all block area it computes (cost). Each head takes the candidate of
+least time (cost x ``PAIR_TIME`` of its kind) whose recall reaches ``gamma``; a head no
+candidate serves goes dense. Text rows
 (system prompt, question) are always dense: few rows, and the answer reads from them.
 
 Candidates: A-shape (sink + local band), vertical-slash (top columns + top diagonals),
@@ -230,6 +231,19 @@ def _forced(candidates: list[Candidate], labels: tuple[str, ...], heads: int) ->
     if unknown:
         raise ValueError(f"fixed plan labels {unknown} are not candidates here; known: {sorted(by_label)}")
     return [-1 if lab == "dense" else by_label[lab] for lab in labels]
+
+
+# Time per computed query-key pair of a kind's launch against the block-sparse natural launch's:
+# a head takes the candidate of least time, not of fewest pairs (both must meet the rule). H200,
+# 128K, one launch alone: vertical-slash heads' 64-row tiles over scattered diagonals ran ~0.62
+# Gpairs/ms, long A-shape rows ~1.0 (`eval/results/vertical-slash-blocks-h200.json`,
+# `ashape-configs-h200.json`); other kinds run in that launch or its permuted twin.
+PAIR_TIME = {"vertical_slash": 1.6}
+
+
+def pair_time(kind: str) -> float:
+    """Relative time of one computed pair of ``kind`` (see ``PAIR_TIME``)."""
+    return PAIR_TIME.get(kind, 1.0)
 
 
 A_SHAPE_LOCAL = (128, 256, 512, 1024, 2048, 4096, 8192)  # tokens: locality is absolute, not a share of the prompt
@@ -542,7 +556,8 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg, text_f
         if cfg.max_error is not None:
             good |= error <= cfg.max_error
         ok = good & (cost <= cfg.max_density)
-        best = torch.where(ok, cost, float("inf")).argmin(0)  # [H]
+        time = cost * torch.tensor([pair_time(c.kind) for c in candidates], device=cost.device)[:, None]
+        best = torch.where(ok, time, float("inf")).argmin(0)  # [H]: least time among those meeting the rule
         chosen = torch.where(ok.gather(0, best[None])[0], best, -1).tolist()
         table = {"recall": recall.tolist(), "error": error.tolist(), "cost": cost.tolist()}  # one copy each
     if cfg.forced is not None:  # built, not scored: nothing to read back from the device
