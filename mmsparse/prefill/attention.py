@@ -52,11 +52,10 @@ class PrefillStats:
             if isinstance(done, torch.cuda.Event):
                 done.synchronize()
                 index_ms = index_start.elapsed_time(indexed)
-                if beside is not None:  # the index interval's overlap with the dense heads'
+                if beside is not None:  # less the index interval's overlap with the dense heads'
+                    at = start.elapsed_time  # ms from the layer's start
                     began, ready = beside
-                    overlap = min(index_ms, start.elapsed_time(ready) - start.elapsed_time(index_start)) - \
-                        max(0.0, start.elapsed_time(began) - start.elapsed_time(index_start))
-                    index_ms -= max(0.0, overlap)
+                    index_ms -= max(0.0, min(at(indexed), at(ready)) - max(at(index_start), at(began)))
                 record["index_s"] = index_ms / 1e3
                 record["attention_s"] = start.elapsed_time(done) / 1e3 - record["index_s"]
             else:

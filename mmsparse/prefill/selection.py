@@ -133,12 +133,12 @@ def _sampled_attention(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, fir
         qs, ks = q[0, :, rows].reshape(hkv, hq // hkv * len(rows), d), k[0]
     else:
         group = hq // hkv
-        kv = sorted({h // group for h in heads})
         heads_t = to_device(heads, q.device, torch.long)
         qs = q[0][heads_t[:, None], rows[None, :]]  # [H', S, D]: the sampled rows only
         hq = len(heads)
-        if len(kv) == 1:  # one KV head: a view, the rows of every head in one GEMM
-            qs, ks = qs.reshape(1, hq * len(rows), d), k[0, kv[0]:kv[0] + 1]
+        kv = heads[0] // group
+        if all(h // group == kv for h in heads):  # one KV head: a view, the rows of every head in one GEMM
+            qs, ks = qs.reshape(1, hq * len(rows), d), k[0, kv:kv + 1]
         else:
             ks = k[0].index_select(0, heads_t // group)
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype:
@@ -556,7 +556,7 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg, text_f
         if cfg.max_error is not None:
             good |= error <= cfg.max_error
         ok = good & (cost <= cfg.max_density)
-        time = cost * torch.tensor([pair_time(c.kind) for c in candidates], device=cost.device)[:, None]
+        time = cost * to_device([pair_time(c.kind) for c in candidates], cost.device, cost.dtype)[:, None]
         best = torch.where(ok, time, float("inf")).argmin(0)  # [H]: least time among those meeting the rule
         chosen = torch.where(ok.gather(0, best[None])[0], best, -1).tolist()
         table = {"recall": recall.tolist(), "error": error.tolist(), "cost": cost.tolist()}  # one copy each
