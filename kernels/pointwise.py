@@ -1,14 +1,16 @@
 """Fused per-token kernels for the non-attention part of a long prefill.
 
 Sparse attention makes attention cheap; what is left of a long prefill is the GEMMs and a trail of
-elementwise kernels that each read and write the whole sequence. Two of those are the biggest and
-are pure functions of one token, so one Triton pass each replaces them:
+elementwise kernels that each read and write the whole sequence. The biggest are pure functions
+of one token, so one Triton pass each replaces them:
 
 * ``rms_norm``  -- Qwen2/Llama RMSNorm: upcast, mean of squares, rsqrt, scale, round, times weight.
   Stock PyTorch runs ~6 kernels over float32 copies (~8x the bytes of the input per norm).
 * ``silu_mul``  -- SwiGLU's ``silu(gate) * up``: two kernels and a temporary of the MLP width.
+* ``add_rms_norm`` -- a decoder layer's first residual add and the RMSNorm after it, in one pass
+  (the sum is written and normalised, not read back).
 
-Both round where the stock modules round (the normalized row to the input dtype before the weight;
+All round where the stock modules round (the normalized row to the input dtype before the weight;
 ``silu`` to the input dtype before the product), so results match them to the last bit except
 where a different summation order moves the mean of squares by an ulp. On a CPU without
 ``TRITON_INTERPRET=1`` they run the plain PyTorch references.
@@ -25,15 +27,40 @@ from .reference import rms_norm_reference, silu_mul_reference
 
 
 @triton.jit
-def _rms_norm_fwd(x_ptr, w_ptr, out_ptr, stride_x, stride_out, cols, eps, BLOCK: tl.constexpr):
+def _rms_norm_fwd(x_ptr, y_ptr, w_ptr, sum_ptr, out_ptr, stride_x, stride_y, stride_sum, stride_out, cols, eps,
+                  BLOCK: tl.constexpr, ADD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < cols
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if ADD:  # a residual add first: its sum, rounded as a tensor add rounds it, is stored and normalised
+        y = tl.load(y_ptr + row * stride_y + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + y.to(tl.float32)).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * stride_sum + offs, x, mask=mask)
+    x = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / cols + eps)
     y = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)  # the module rounds before the weight
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_out + offs, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, C] with unit stride along C (a view for the sequence-major tensors of a layer)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _launch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, target: torch.Tensor,
+                     residual: torch.Tensor | None = None, total: torch.Tensor | None = None) -> None:
+    """One program per row of ``x`` [rows, C] into ``target``; with ``residual``, the row is
+    ``x + residual``, stored in ``total`` before it is normalised."""
+    block = triton.next_power_of_2(x.shape[-1])
+    add = residual is not None
+    y, s = (residual, total) if add else (x, x)
+    with on_device(x):
+        _rms_norm_fwd[(x.shape[0],)](x, y, weight, s, target, x.stride(0), y.stride(0), s.stride(0), target.stride(0),
+                                     x.shape[-1], eps, BLOCK=block, ADD=add,
+                                     num_warps=8 if block >= 2048 and x.is_cuda else 4)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -48,19 +75,35 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Te
     if not runs_triton(x) or x.numel() == 0:
         result = rms_norm_reference(x, weight, eps)
         return result if out is None else out.copy_(result)
-    cols = x.shape[-1]
-    rows = x.reshape(-1, cols)  # a view for the sequence-major tensors a decoder layer passes
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _rows(x)
     target = torch.empty(rows.shape, dtype=dtype, device=x.device) if out is None or not out.is_contiguous() \
-        else out.view(-1, cols)
-    block = triton.next_power_of_2(cols)
-    with on_device(x):
-        _rms_norm_fwd[(rows.shape[0],)](rows, weight, target, rows.stride(0), target.stride(0), cols, eps,
-                                        BLOCK=block, num_warps=8 if block >= 2048 and x.is_cuda else 4)
+        else out.view(-1, x.shape[-1])
+    _launch_rms_norm(rows, weight, eps, target)
     if out is None:
         return target.view(x.shape)
     return out if target.data_ptr() == out.data_ptr() else out.copy_(target.view(x.shape))
+
+
+def add_rms_norm(residual: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's ``residual + update`` and the RMSNorm of that sum in one pass: (sum, its
+    norm). The sum is rounded to the inputs' dtype as a tensor add rounds it, then normalised as
+    ``rms_norm`` does, so both match the unfused ops; the add and the norm apart would read the
+    sum back."""
+    if residual.shape != update.shape or residual.dtype != update.dtype:
+        raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} {residual.dtype} and update "
+                         f"{tuple(update.shape)} {update.dtype} must have one shape and dtype")
+    if residual.shape[-1] != weight.shape[-1] or weight.dim() != 1:
+        raise ValueError(f"add_rms_norm: weight of shape {tuple(weight.shape)} does not match the last axis "
+                         f"{residual.shape[-1]}")
+    if not runs_triton(residual) or residual.numel() == 0:
+        total = residual + update
+        return total, rms_norm_reference(total, weight, eps)
+    x, y = _rows(residual), _rows(update)
+    total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    normed = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    _launch_rms_norm(x, weight, eps, normed, residual=y, total=total)
+    return total.view(residual.shape), normed.view(residual.shape)
 
 
 @triton.jit

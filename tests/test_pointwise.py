@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmsparse.kernels.pointwise import rms_norm, silu_mul
+from mmsparse.kernels.pointwise import add_rms_norm, rms_norm, silu_mul
 from mmsparse.kernels.reference import rms_norm_reference, silu_mul_reference
-from mmsparse.prefill.chunking import FusedRMSNorm, FusedSwiGLU, fused
+from mmsparse.prefill.chunking import FusedResidualBlock, FusedRMSNorm, FusedSwiGLU, decoder_stacks, fused, fused_block
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -37,6 +37,93 @@ def test_rms_norm_reads_strided_rows_and_promotes_like_the_module():
     torch.testing.assert_close(got, rms_norm_reference(rows, weight, 1e-5), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="does not match"):
         rms_norm(rows, weight[:32], 1e-5)
+
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 8), (2, 37, 96), (3, 7, 11, 48)])
+def test_add_rms_norm_is_the_add_then_the_norm(shape, dtype):
+    gen = torch.Generator().manual_seed(7 + len(shape))
+    residual = (torch.randn(shape, generator=gen) * 3).to(DEVICE, dtype)
+    update = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    weight = (torch.rand(shape[-1], generator=gen) + 0.5).to(DEVICE, dtype)
+    total, normed = add_rms_norm(residual, update, weight, 1e-6)
+    assert torch.equal(total, residual + update)  # rounded as the tensor add rounds
+    assert normed.shape == residual.shape and normed.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(normed, rms_norm_reference(residual + update, weight, 1e-6), atol=tol, rtol=tol)
+
+
+def test_add_rms_norm_reads_strided_rows_and_refuses_mismatches():
+    gen = torch.Generator().manual_seed(2)
+    wide = torch.randn(2, 9, 64, generator=gen).to(DEVICE)
+    residual, update = wide[:, 1:6], torch.randn(2, 5, 64, generator=gen).to(DEVICE)
+    weight = torch.rand(64, generator=gen).to(DEVICE)
+    total, normed = add_rms_norm(residual, update, weight, 1e-5)
+    torch.testing.assert_close(total, residual + update, atol=0, rtol=0)
+    torch.testing.assert_close(normed, rms_norm_reference(residual + update, weight, 1e-5), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        add_rms_norm(residual, update[:, :4], weight, 1e-5)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        add_rms_norm(residual, update.half(), weight, 1e-5)
+    with pytest.raises(ValueError, match="does not match"):
+        add_rms_norm(residual, update, weight[:32], 1e-5)
+
+
+def _qwen2_layer(act: str = "silu"):
+    """A two-head Qwen2 decoder layer (SDPA) with the inputs a text model gives it."""
+    from transformers import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
+
+    cfg = Qwen2Config(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                      hidden_act=act, num_hidden_layers=1)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(4)
+    layer = Qwen2DecoderLayer(cfg, 0).to(DEVICE).eval()
+    with torch.no_grad():
+        layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(1, 11, 32, device=DEVICE)
+    pos = torch.arange(11, device=DEVICE)[None]
+    kwargs = dict(attention_mask=None, position_ids=pos, position_embeddings=Qwen2RotaryEmbedding(cfg).to(DEVICE)(x, pos))
+    return layer, x, kwargs
+
+
+def test_fused_residual_block_matches_the_layer():
+    """Both residual adds fused away (into the second norm and the down projection, 4-token MLP
+    chunks): the layer's output up to the down projection's single rounding."""
+    layer, x, kwargs = _qwen2_layer()
+    block = fused_block(layer, chunk=4)
+    assert isinstance(block, FusedResidualBlock) and block.self_attn is layer.self_attn  # attributes read through
+    block.cpu_kernels = True
+    calls = []
+    with torch.no_grad():
+        expected = layer(x, **kwargs)
+        torch.testing.assert_close(block(x, **kwargs), expected, atol=1e-5, rtol=1e-5)
+        layer.mlp.register_forward_hook(lambda *_: calls.append("mlp"))
+        block(x, **kwargs)
+        assert calls == []  # the fused path computes the MLP from its projections
+        seen = []
+        hook = layer.register_forward_hook(lambda module, args, out: seen.append((module, args[0], out)) or out * 2)
+        doubled = block(x, **kwargs)  # the layer's hooks see its input and the fused output, as they would
+        assert calls == [] and len(seen) == 1 and seen[0][0] is layer and seen[0][1] is x
+        torch.testing.assert_close(seen[0][2], expected, atol=1e-5, rtol=1e-5)
+        assert torch.equal(doubled, 2 * seen[0][2])  # what a hook returns replaces the output
+        hook.remove()
+        pre = layer.register_forward_pre_hook(lambda *_: calls.append("pre"))
+        assert torch.equal(block(x, **kwargs), expected) and calls == ["pre", "mlp"]  # pre-hooks: the layer itself
+        pre.remove()
+    calls.clear()
+    assert torch.equal(block(x, **kwargs), expected) and calls == ["mlp"]  # autograd recording: the layer itself
+
+
+def test_fused_block_wraps_only_known_layers_and_stacks_see_through_it():
+    layer, _, _ = _qwen2_layer(act="gelu")
+    assert fused_block(layer, chunk=4) is layer  # its MLP is not SwiGLU
+    assert fused_block(torch.nn.Linear(4, 4), chunk=4).__class__ is torch.nn.Linear
+    silu, _, _ = _qwen2_layer()
+    stack = torch.nn.Module()
+    stack.layers, stack.norm = torch.nn.ModuleList([fused_block(silu, chunk=4)]), torch.nn.Identity()
+    assert decoder_stacks(stack) == [(stack, [silu])]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -43,7 +43,7 @@ from mmsparse.prefill.attention import (  # noqa: E402
     sparse_prefill,
     sparse_prefill_attention,
 )
-from mmsparse.prefill.chunking import ChunkedAlongSequence, chunked_pointwise  # noqa: E402
+from mmsparse.prefill.chunking import ChunkedAlongSequence, FusedResidualBlock, chunked_pointwise  # noqa: E402
 from mmsparse.prefill.dense_heads import head_slices  # noqa: E402
 from mmsparse.prefill.selection import RowStats, SelectionConfig, select  # noqa: E402
 from mmsparse.testing import synthetic_frames, tiny_llava_onevision, tiny_qwen2_5_vl  # noqa: E402
@@ -358,7 +358,8 @@ def test_chunked_pointwise_is_exact_and_restores_the_model(name, fused_kernels, 
     expected = _forward(case.stock, case.inputs)
     with chunked_pointwise(case.stock, chunk=7, fused_kernels=fused_kernels) as wrapped:
         layers = len(text.layers)
-        assert wrapped == 3 * layers + 1
+        assert wrapped == (4 if fused_kernels else 3) * layers + 1  # fused: the layers' residual adds too
+        assert all(isinstance(layer, FusedResidualBlock) == fused_kernels for layer in text.layers)
         assert isinstance(text.norm, ChunkedAlongSequence)
         assert all(isinstance(layer.mlp, ChunkedAlongSequence) for layer in text.layers)
         assert all(isinstance(layer.input_layernorm, ChunkedAlongSequence) for layer in text.layers)
@@ -377,6 +378,22 @@ def test_chunked_pointwise_is_exact_and_restores_the_model(name, fused_kernels, 
         with chunked_pointwise(case.stock, chunk=0):
             pass
 
+
+
+def test_fused_blocks_keep_transformers_output_recording(qwen):
+    """transformers records hidden states with forward hooks on the decoder layers: the fused
+    blocks run them, so ``output_hidden_states`` gives every layer's output as before."""
+    text = qwen.stock.model.language_model
+    x = torch.randn(1, 24, text.config.hidden_size, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(5))
+    with torch.inference_mode():
+        expected = text(inputs_embeds=x, output_hidden_states=True).hidden_states
+        with chunked_pointwise(qwen.stock, chunk=8, fused_kernels=True):
+            for layer in text.layers:
+                layer.cpu_kernels = True  # the fused path on a CPU too (kernels or their references)
+            got = text(inputs_embeds=x, output_hidden_states=True).hidden_states
+    assert len(got) == len(expected) == len(text.layers) + 1
+    for mine, theirs in zip(got, expected):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
 
 # ----------------------------------------------------------------------------- 2. when the stage stays dense
 
