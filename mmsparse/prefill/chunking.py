@@ -88,11 +88,18 @@ class FusedRMSNorm(_FusedRunner):
 
         return rms_norm(hidden, self.inner.weight, self.inner.variance_epsilon, out=out)
 
+    def after_add(self, residual: torch.Tensor, update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``residual + update``, its norm) in one pass."""
+        from mmsparse.kernels.pointwise import add_rms_norm
+
+        return add_rms_norm(residual, update, self.inner.weight, self.inner.variance_epsilon)
+
 
 class FusedSwiGLU(_FusedRunner):
-    """An MLP of ``FUSABLE_MLPS`` whose ``silu(gate) * up`` is one pass written over the gate."""
+    """An MLP of ``FUSABLE_MLPS`` whose ``silu(gate) * up`` is one pass written over the gate.
+    ``accumulate`` adds the result into ``out`` instead (a residual add inside the down GEMM)."""
 
-    def fused_forward(self, hidden: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    def fused_forward(self, hidden: torch.Tensor, out: torch.Tensor | None, accumulate: bool = False) -> torch.Tensor:
         from mmsparse.kernels.pointwise import silu_mul
 
         mlp = self.inner
@@ -100,10 +107,15 @@ class FusedSwiGLU(_FusedRunner):
         down = mlp.down_proj
         if out is None:
             return down(act)
-        if type(down) is torch.nn.Linear and down.bias is None and out.is_contiguous():  # the GEMM writes the slice
-            torch.mm(act.reshape(-1, act.shape[-1]), down.weight.t(), out=out.view(-1, out.shape[-1]))
+        if self.down_is_plain() and out.is_contiguous():  # the GEMM writes (or adds into) the slice
+            rows, target = act.reshape(-1, act.shape[-1]), out.view(-1, out.shape[-1])
+            target.addmm_(rows, down.weight.t()) if accumulate else torch.mm(rows, down.weight.t(), out=target)
             return out
-        return out.copy_(down(act))
+        return out.add_(down(act)) if accumulate else out.copy_(down(act))
+
+    def down_is_plain(self) -> bool:
+        down = self.inner.down_proj
+        return type(down) is torch.nn.Linear and down.bias is None
 
 
 def fused(module: torch.nn.Module, cpu_kernels: bool = False) -> torch.nn.Module:
@@ -140,9 +152,11 @@ class FusedResidualBlock(torch.nn.Module):
     recording, with forward pre-hooks or accelerate's device placement on the layer, or with
     positional arguments beyond the hidden states. Its other attributes read through to it."""
 
-    def __init__(self, layer: torch.nn.Module, chunk: int, cpu_kernels: bool = False) -> None:
+    def __init__(self, layer: torch.nn.Module, norm: FusedRMSNorm, mlp: FusedSwiGLU, chunk: int,
+                 cpu_kernels: bool = False) -> None:
         super().__init__()
         self.layer = layer
+        self._fused = (norm, mlp)  # runners of the layer's own modules (a tuple: not registered twice)
         self.chunk = chunk
         self.cpu_kernels = cpu_kernels
 
@@ -158,20 +172,16 @@ class FusedResidualBlock(torch.nn.Module):
                 and not layer._forward_pre_hooks and not hasattr(layer, "_hf_hook"))
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        from mmsparse.kernels.pointwise import add_rms_norm, silu_mul
-
         layer = self.layer
         if not self.fuses(hidden_states, args):
             return layer(hidden_states, *args, **kwargs)
+        norm, mlp = self._fused
         update, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
-        norm, mlp = _base(layer.post_attention_layernorm), _base(layer.mlp)
-        total, normed = add_rms_norm(hidden_states, update, norm.weight, norm.variance_epsilon)
+        total, normed = norm.after_add(hidden_states, update)
         del update
         rows, out = normed.reshape(-1, normed.shape[-1]), total.view(-1, total.shape[-1])
         for start in range(0, rows.shape[0], self.chunk):  # a few dozen slices of a long prompt
-            part = rows[start:start + self.chunk]
-            act = silu_mul(mlp.gate_proj(part), mlp.up_proj(part), inplace=True)
-            out[start:start + self.chunk].addmm_(act, mlp.down_proj.weight.t())
+            mlp.fused_forward(rows[start:start + self.chunk], out[start:start + self.chunk], accumulate=True)
         for key, hook in layer._forward_hooks.items():
             kept = hook(layer, (hidden_states,), kwargs, total) if key in layer._forward_hooks_with_kwargs \
                 else hook(layer, (hidden_states,), total)
@@ -184,12 +194,11 @@ def fused_block(layer: torch.nn.Module, chunk: int, cpu_kernels: bool = False) -
     and MLP can run fused (the down projection a plain Linear without bias); else ``layer``."""
     if type(layer).__name__ not in FUSABLE_LAYERS:
         return layer
-    norm, mlp = _base(getattr(layer, "post_attention_layernorm", None)), _base(getattr(layer, "mlp", None))
-    down = getattr(mlp, "down_proj", None)
-    if not isinstance(fused(norm), FusedRMSNorm) or not isinstance(fused(mlp), FusedSwiGLU) \
-            or type(down) is not torch.nn.Linear or down.bias is not None:
+    norm = fused(_base(getattr(layer, "post_attention_layernorm", None)), cpu_kernels)
+    mlp = fused(_base(getattr(layer, "mlp", None)), cpu_kernels)
+    if not isinstance(norm, FusedRMSNorm) or not isinstance(mlp, FusedSwiGLU) or not mlp.down_is_plain():
         return layer
-    return FusedResidualBlock(layer, chunk, cpu_kernels)
+    return FusedResidualBlock(layer, norm, mlp, chunk, cpu_kernels)
 
 
 def decoder_stacks(model: torch.nn.Module) -> list[tuple[torch.nn.Module, list[torch.nn.Module]]]:
