@@ -129,20 +129,25 @@ def dense_rows_attention(
     *,
     scale: float | None = None,
     head_map: torch.Tensor | None = None,
+    heads=None,
 ) -> torch.Tensor:
     """Write into ``out`` [B, Mq, Hq, D] the exact causal attention of the query rows in
-    ``sub_blocks`` (of ``rows_per_block`` rows each): ``sparse_attention``'s ``dense_rows``."""
+    ``sub_blocks`` (of ``rows_per_block`` rows each) of query ``heads`` (default all):
+    ``sparse_attention``'s ``dense_rows``."""
     mq = q.shape[2]
     rows = sorted({r for b in sub_blocks for r in range(b * rows_per_block, min(mq, (b + 1) * rows_per_block))})
     if not rows:
         return out
     at = torch.tensor(rows, device=q.device)
-    kv_of = kv_heads(q.shape[1], k.shape[1], head_map, q.device)
+    picked = torch.arange(q.shape[1], device=q.device) if heads is None else torch.tensor(heads, device=q.device)
+    kv_of = kv_heads(q.shape[1], k.shape[1], head_map, q.device)[picked]
     mask = order.k_pos[:, None, None, :] <= order.q_pos[:, None, at, None]
-    o = torch.nn.functional.scaled_dot_product_attention(q[:, :, at], k[:, kv_of], v[:, kv_of], attn_mask=mask,
-                                                         scale=scale)
+    o = torch.nn.functional.scaled_dot_product_attention(q[:, picked][:, :, at], k[:, kv_of], v[:, kv_of],
+                                                         attn_mask=mask, scale=scale)
     seen = mask.any(-1) & (order.q_pos[:, None, at] >= 0)
-    out[:, at] = torch.where(seen[..., None], o, 0.0).transpose(1, 2).to(out.dtype)
+    rows_out = out[:, at]  # a copy: written back below
+    rows_out[:, :, picked] = torch.where(seen[..., None], o, 0.0).transpose(1, 2).to(out.dtype)
+    out[:, at] = rows_out
     return out
 
 

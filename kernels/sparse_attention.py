@@ -10,6 +10,10 @@ are split: one program would walk the whole row while the rest of a sparse launc
 (H200, 128K: a launch of one grid head took 3.2 ms, nearly all of it that one row). A second
 launch gives each ``SEGMENT_BLOCKS`` key blocks of those rows their own program, writing partial
 (sum, max, normaliser) tiles that ``_merge_segments`` combines (FlashDecoding's split-KV).
+Dense rows (``dense_rows``) walk every causal key block without an index, split the same way;
+each of their programs stacks one sub-block's rows of two query heads that share a KV head, so one
+K/V tile load serves both heads' products (a question's 64 rows alone made 64-row programs that
+read K and V once a head).
 Semantics, index format and positions: ``index.py``. Reference: ``reference.py``.
 """
 
@@ -59,12 +63,12 @@ def _gathered_keys_pv(acc, m_i, l_i, q, q_pos, k_base, v_base, k_pos_base, keys,
     return _softmax_pv(acc, m_i, l_i, qk, v, qk_scale)
 
 
-# Segment counts change with the prompt length: specialising on their values (divisibility by
-# 16) would recompile the kernel at new lengths in the middle of a prefill.
-@triton.jit(do_not_specialize=["SEGMENTS", "SPLIT_COUNT", "SEGMENT"])
+# Segment counts change with the prompt length, and the walked heads from layer to layer:
+# specialising on their values (divisibility by 16) would recompile the kernel mid-prefill.
+@triton.jit(do_not_specialize=["SEGMENTS", "SPLIT_COUNT", "SEGMENT", "WALK_COUNT", "PAIR_COUNT"])
 def _sparse_attention_fwd(
     Q, K, V, KD, VD, O, LSE, QPOS, KPOS, BLOCKS, BLOCK_COUNT, FULL_COUNT, BLOCK_MASK, COLUMNS, COLUMN_COUNT, HEAD_MAP,
-    HEAD_ROWS, LONG, SPLIT_ROWS, PART_ACC, PART_ML, QROWS, KROWS,
+    HEAD_ROWS, LONG, SPLIT_ROWS, PART_ACC, PART_ML, QROWS, KROWS, WALK_PAIRS, WALK_HEADS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -73,7 +77,7 @@ def _sparse_attention_fwd(
     stride_mb, stride_mh, stride_mq,
     stride_cb, stride_ch,
     stride_nb, stride_nh,  # counts [B, H, NQ]
-    H, GROUP, MQ, MK, NQ, qk_scale, SEGMENTS, SPLIT_COUNT, SEGMENT,
+    H, GROUP, MQ, MK, NQ, qk_scale, SEGMENTS, SPLIT_COUNT, SEGMENT, WALK_COUNT, PAIR_COUNT,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_COLUMNS: tl.constexpr, HAS_HEAD_MAP: tl.constexpr, HAS_HEAD_ROWS: tl.constexpr, WRITE_LSE: tl.constexpr,
     ROW_MAPS: tl.constexpr,
@@ -84,11 +88,13 @@ def _sparse_attention_fwd(
     # side by side, so the heads of a GQA group read their shared key blocks while they are in L2.
     # SPLIT: program (bh, (i * SEGMENTS + s) * SUBS + sub) computes segment s of split row
     # SPLIT_ROWS[i]. Each program takes SUB_M of the query block's BLOCK_M rows (sub-block ``sub``).
-    # DENSE_WALK (a SPLIT launch): SPLIT_ROWS[i] is a sub-block (qb * SUBS + sub) of a dense row,
-    # computed over every causal key block whatever the index holds (natural order); program
-    # (bh, i * SEGMENTS + s) takes segment s of it.
-    SUBS: tl.constexpr = BLOCK_M // SUB_M
-    PART_M: tl.constexpr = SUB_M if DENSE_WALK else BLOCK_M  # rows of a partial tile
+    # DENSE_WALK (a SPLIT launch): SPLIT_ROWS[i] is a sub-block (qb * SUBS + sub) of PART_M rows of
+    # a dense row, computed over every causal key block whatever the index holds (natural order).
+    # Program (b * PAIR_COUNT + p, i * SEGMENTS + s) takes segment s of it for the heads of pair p:
+    # rows [0, PART_M) of the program are head WALK_HEADS[WALK_PAIRS[2p]]'s, the rest the second
+    # head's (slot -1: none). Both read the same KV head; partial tiles go to (b, slot).
+    PART_M: tl.constexpr = SUB_M // 2 if DENSE_WALK else BLOCK_M  # rows of a partial tile
+    SUBS: tl.constexpr = BLOCK_M // PART_M if DENSE_WALK else BLOCK_M // SUB_M
     if DENSE_WALK:
         bh = tl.program_id(0)
         split_at = tl.program_id(1) // SEGMENTS
@@ -96,6 +102,11 @@ def _sparse_attention_fwd(
         at = tl.load(SPLIT_ROWS + split_at)
         qb = at // SUBS
         sub = at % SUBS
+        pair = bh % PAIR_COUNT
+        slot = tl.where(tl.arange(0, SUB_M) < PART_M, tl.load(WALK_PAIRS + 2 * pair),
+                        tl.load(WALK_PAIRS + 2 * pair + 1))  # per row
+        row_heads = tl.load(WALK_HEADS + tl.maximum(slot, 0))
+        bh = (bh // PAIR_COUNT) * H + tl.load(WALK_HEADS + tl.load(WALK_PAIRS + 2 * pair))  # the first head's
     elif SPLIT:
         bh = tl.program_id(0)
         sub = tl.program_id(1) % SUBS
@@ -123,10 +134,16 @@ def _sparse_attention_fwd(
     else:
         ih = h
 
-    offs_m = qb * BLOCK_M + sub * SUB_M + tl.arange(0, SUB_M)
+    if DENSE_WALK:  # the pair's two heads: the same PART_M rows stacked
+        offs_m = qb * BLOCK_M + sub * PART_M + tl.arange(0, SUB_M) % PART_M
+        row_ok = (offs_m < MQ) & (slot >= 0)
+        q_heads = row_heads.to(tl.int64)[:, None]
+    else:
+        offs_m = qb * BLOCK_M + sub * SUB_M + tl.arange(0, SUB_M)
+        row_ok = offs_m < MQ
+        q_heads = h64
     offs_n = tl.arange(0, TILE_N)  # keys per tile: an index block is BLOCK_N // TILE_N tiles
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < MQ
     q_rows = offs_m
     if ROW_MAPS:  # row i of the order is row QROWS[i] of Q and O (a permutation read in place)
         q_rows = tl.load(QROWS + b * MQ + offs_m, mask=row_ok, other=0)
@@ -148,7 +165,7 @@ def _sparse_attention_fwd(
         n_blocks = tl.minimum(n_blocks, first + SEGMENT)
     # An empty row (a head computed in another launch) reads no Q: it only writes its zeros.
     busy = (n_blocks > first) | (HAS_COLUMNS and not DENSE_WALK)
-    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows64 * stride_qm + offs_d[None, :],
+    q = tl.load(Q + b64 * stride_qb + q_heads * stride_qh + rows64 * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None] & busy, other=0.0)
     q_pos = tl.load(QPOS + b * MQ + offs_m, mask=row_ok, other=-1)
 
@@ -203,9 +220,16 @@ def _sparse_attention_fwd(
             acc, m_i, l_i = _gathered_keys_pv(acc, m_i, l_i, q, q_pos, k_base, v_base, KPOS + b * MK, keys, k_rows,
                                               k_ok, stride_kn, stride_vn, qk_scale)
 
-    if SPLIT:  # partial tile, its running max and normaliser (padding rows: normaliser 0)
+    if DENSE_WALK:  # each row's partial tile at its head's slot
+        part = ((b * WALK_COUNT + slot).to(tl.int64) * SPLIT_COUNT + split_at) * SEGMENTS + seg
+        offs_r = tl.arange(0, SUB_M) % PART_M
+        ok = slot >= 0
+        tl.store(PART_ACC + (part * PART_M + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=ok[:, None])
+        tl.store(PART_ML + part * 2 * PART_M + offs_r, m_i, mask=ok)
+        tl.store(PART_ML + part * 2 * PART_M + PART_M + offs_r, tl.where(q_pos >= 0, l_i, 0.0), mask=ok)
+    elif SPLIT:  # partial tile, its running max and normaliser (padding rows: normaliser 0)
         part = (bh.to(tl.int64) * SPLIT_COUNT + split_at) * SEGMENTS + seg
-        offs_r = (0 if DENSE_WALK else sub * SUB_M) + tl.arange(0, SUB_M)
+        offs_r = sub * SUB_M + tl.arange(0, SUB_M)
         tl.store(PART_ACC + part * PART_M * HEAD_DIM + offs_r[:, None] * HEAD_DIM + offs_d[None, :], acc)
         tl.store(PART_ML + part * 2 * PART_M + offs_r, m_i)
         tl.store(PART_ML + part * 2 * PART_M + PART_M + offs_r, tl.where(q_pos >= 0, l_i, 0.0))
@@ -269,12 +293,16 @@ def sparse_attention(
     rows: torch.Tensor | None = None,
     dense_rows: Sequence[int] = (),
     dense_block: int = 64,
+    dense_row_heads: Sequence[int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparse causal attention. q [B, Hq, Mq, D], k/v [B, Hkv, Mk, D] (any strides with a
     contiguous last axis). On a CPU without the Triton interpreter it runs the same semantics
-    in chunked torch (``reference.chunked_sparse_attention``). Returns [B, Mq, Hq, D] (the layout transformers' attention functions
-    return), or write into ``out`` of that shape; with ``return_lse`` also the natural-log
-    log-sum-exp [B, Hq, Mq] in float32 (-inf for rows that see nothing), for merging partials.
+    in chunked torch (``reference.chunked_sparse_attention``). Returns [B, Mq, Hq, D] (the
+    layout transformers' attention functions return), or write into ``out`` of that shape; with
+    ``return_lse`` also the natural-log log-sum-exp [B, Hq, Mq] in float32 (-inf for rows that
+    see nothing), for merging partials. ``head_map``: int32 [Hq], the KV head of each query head
+    (default ``h // (Hq // Hkv)``), on q's device or on the CPU (copied without waiting; a map on
+    the CPU also lets ``dense_rows`` pair the heads that share a KV head).
     ``long_rows``: query blocks (host ints) whose rows are split into programs of ``segment``
     key blocks each (default: as many as make whole waves of programs on the GPU,
     ``_segment_blocks``); the result is the same, only the work is spread
@@ -289,7 +317,9 @@ def sparse_attention(
     ``dense_rows``: sub-blocks of ``dense_block`` query rows (row ``r`` is in sub-block
     ``r // dense_block``; host ints) computed over every causal key whatever the index holds
     (a question's text rows, dense in every sparse head), split like long rows and written over
-    the index's result there; natural order only (key ``i`` at position ``i``)."""
+    the index's result there; natural order only (key ``i`` at position ``i``).
+    ``dense_row_heads``: the query heads whose ``dense_rows`` are computed (default all); the
+    others keep what the index gives there (heads another launch overwrites)."""
     _check(q, k, v, order, index, head_map)
     if rows is not None:
         if rows.shape != (q.shape[2],) or q.shape[2] != k.shape[2] or rows.dtype not in (torch.int32, torch.int64):
@@ -301,6 +331,14 @@ def sparse_attention(
                        or index.block_m % dense_block):
         raise ValueError(f"dense_rows need the natural order (no rows) and a power-of-two dense_block >= 16 "
                          f"dividing block_m={index.block_m}; got dense_block={dense_block}")
+    walk = list(range(q.shape[1])) if dense_row_heads is None else sorted(set(dense_row_heads))
+    if walk and not 0 <= walk[0] <= walk[-1] < q.shape[1]:
+        raise ValueError(f"dense_row_heads must be query heads in [0, {q.shape[1]}); got {walk}")
+    if not walk:
+        dense_rows = ()
+    kv_of = kv_of_heads(q.shape[1], k.shape[1], head_map)  # before head_map moves to the device
+    if head_map is not None and head_map.device != q.device:
+        head_map = to_device(head_map, q.device)
     if not runs_triton(q):
         if return_lse:
             raise ValueError("return_lse needs the Triton kernel (a CUDA device, or TRITON_INTERPRET=1 on the CPU)")
@@ -309,7 +347,8 @@ def sparse_attention(
         if rows is None:
             result = chunked_sparse_attention(q, k, v, index, order, scale=scale, head_map=head_map)
             if dense_rows:
-                dense_rows_attention(q, k, v, order, dense_rows, dense_block, result, scale=scale, head_map=head_map)
+                dense_rows_attention(q, k, v, order, dense_rows, dense_block, result, scale=scale, head_map=head_map,
+                                     heads=walk)
             return out.copy_(result) if out is not None else result
         rows = rows.long()
         q, k, v = (t.index_select(2, rows) for t in (q, k, v))
@@ -362,12 +401,13 @@ def sparse_attention(
             0, to_device(split, q.device, torch.long), 1)
 
     def launch(grid: tuple[int, int], skip_long: bool, parts: _Parts | None = None, rows_per_program: int = sub_m,
-               warps: int = num_warps) -> None:
+               warps: int = num_warps, pairs: _Pairs | None = None) -> None:
         split_rows, part_acc, part_ml = (nc, nc, nc) if parts is None else (parts.rows, parts.acc, parts.ml)
+        walk_pairs, walk_heads = (nc, nc) if pairs is None else (pairs.slots, pairs.heads)
         _sparse_attention_fwd[grid](
             q, k, v, kd, vd, out, lse, order.q_pos, order.k_pos, bi, nc, index.full_count, bm, cc, index.column_count,
             head_map if head_map is not None else nc, index.head_rows if index.head_rows is not None else nc,
-            flags, split_rows, part_acc, part_ml, row_map, row_map,
+            flags, split_rows, part_acc, part_ml, row_map, row_map, walk_pairs, walk_heads,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -378,7 +418,8 @@ def sparse_attention(
             nc.stride(0), hstride(nc),
             hq, max(1, hq // hkv), mq, mk, nq, scale * LOG2E,
             1 if parts is None else parts.segments, 1 if parts is None else parts.count,
-            1 if parts is None else parts.segment,
+            1 if parts is None else parts.segment, 1 if pairs is None else pairs.walked,
+            1 if pairs is None else pairs.count,
             HEAD_DIM=d, BLOCK_M=index.block_m, BLOCK_N=index.block_n,
             HAS_COLUMNS=has_cols, HAS_HEAD_MAP=head_map is not None, HAS_HEAD_ROWS=index.head_rows is not None,
             WRITE_LSE=return_lse, ROW_MAPS=rows is not None, USE_TMA=use_tma, HEADS_FASTEST=heads_fastest,
@@ -395,16 +436,18 @@ def sparse_attention(
             parts = _Parts.make(split, segment, segments, bsz * hq, index.block_m, d, q.device)
             launch((bsz * hq, len(split) * segments * subs), False, parts)
         if dense:  # after the launches above: its rows are written over theirs
+            pairs = _Pairs.make(walk, kv_of, q.device)
             key_blocks = -(-mk // index.block_n)
-            d_segment = _segment_blocks(key_blocks, bsz * hq * len(dense), q.device)
-            d_parts = _Parts.make(dense, d_segment, -(-key_blocks // d_segment), bsz * hq, dense_block, d, q.device,
-                                  dense=True)
-            launch((bsz * hq, len(dense) * d_parts.segments), False, d_parts, dense_block,
-                   _warps(dense_block, tile_n, q))
+            d_segment = _segment_blocks(key_blocks, bsz * pairs.count * len(dense), q.device)
+            d_parts = _Parts.make(dense, d_segment, -(-key_blocks // d_segment), bsz * pairs.walked, dense_block, d,
+                                  q.device, dense=True)
+            launch((bsz * pairs.count, len(dense) * d_parts.segments), False, d_parts, 2 * dense_block,
+                   _warps(2 * dense_block, tile_n, q), pairs)
     if split:
         _merge_segments(parts.acc, parts.ml, split, index.block_m, out, lse if return_lse else None, rows)
     if dense:
-        _merge_segments(d_parts.acc, d_parts.ml, dense, dense_block, out, lse if return_lse else None)
+        _merge_segments(d_parts.acc, d_parts.ml, dense, dense_block, out, lse if return_lse else None,
+                        heads=pairs.heads if pairs.walked < hq else None)
     return (out, lse) if return_lse else out
 
 
@@ -433,6 +476,37 @@ class _Parts:
         return cls(to_device(rows, device, torch.int32), len(rows), segment, segments, acc, ml, dense)
 
 
+def kv_of_heads(hq: int, hkv: int, head_map: torch.Tensor | None) -> list[int]:
+    """The KV head each query head reads, on the host. A ``head_map`` on the GPU is not read back
+    (that would wait for the device): every head gets a KV head of its own, so none is paired
+    (pass the map on the CPU)."""
+    if head_map is None:
+        return [h // max(1, hq // hkv) for h in range(hq)]
+    return head_map.tolist() if head_map.device.type == "cpu" else list(range(hq))
+
+
+@dataclass
+class _Pairs:
+    """The heads of a dense-row walk (device int32 ``heads``, ``walked`` of them) paired within
+    their KV head: ``slots`` [2 * count] holds each pair's two indices into ``heads``, -1 for no
+    second head (an odd count in a GQA group)."""
+
+    heads: torch.Tensor
+    walked: int
+    slots: torch.Tensor
+    count: int
+
+    @classmethod
+    def make(cls, walk: list[int], kv_of: list[int], device: torch.device) -> "_Pairs":
+        by_kv: dict[int, list[int]] = {}
+        for slot, h in enumerate(walk):
+            by_kv.setdefault(kv_of[h], []).append(slot)
+        slots = [s for group in by_kv.values() for i in range(0, len(group), 2)
+                 for s in (group[i], group[i + 1] if i + 1 < len(group) else -1)]
+        return cls(to_device(walk, device, torch.int32), len(walk), to_device(slots, device, torch.int32),
+                   len(slots) // 2)
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -458,18 +532,23 @@ def _segment_blocks(width: int, split_rows: int, device: torch.device) -> int:
 
 @triton.jit(do_not_specialize=["SEGMENTS", "COUNT"])
 def _merge_segments_fwd(
-    PART_ACC, PART_ML, SPLIT_ROWS, O, LSE, ROWMAP, H, MQ, SEGMENTS, COUNT,
+    PART_ACC, PART_ML, SPLIT_ROWS, O, LSE, ROWMAP, HEADS, H, MQ, SEGMENTS, COUNT, WALKED,
     stride_ob, stride_om, stride_oh,
     PART_M: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, WRITE_LSE: tl.constexpr,
-    ROW_MAPS: tl.constexpr,
+    ROW_MAPS: tl.constexpr, HAS_HEADS: tl.constexpr,
 ):
     # Program (bh, i * CHUNKS + c): rows c * CHUNK.. of split row i, merged over its segments.
+    # HAS_HEADS: partial tiles of WALKED heads a batch row, bh = b * WALKED + slot, head HEADS[slot].
     CHUNKS: tl.constexpr = PART_M // CHUNK
     bh = tl.program_id(0)
     i = tl.program_id(1) // CHUNKS
     c = tl.program_id(1) % CHUNKS
-    b = bh // H
-    h = bh % H
+    if HAS_HEADS:
+        b = bh // WALKED
+        h = tl.load(HEADS + bh % WALKED)
+    else:
+        b = bh // H
+        h = bh % H
     offs_r = c * CHUNK + tl.arange(0, CHUNK)
     offs_d = tl.arange(0, HEAD_DIM)
     first = (bh.to(tl.int64) * COUNT + i) * SEGMENTS
@@ -495,26 +574,30 @@ def _merge_segments_fwd(
              merged.to(O.dtype.element_ty), mask=ok[:, None])
     if WRITE_LSE:
         lse = tl.where(seen, (top + tl.math.log2(tl.where(seen, norm, 1.0))) / 1.4426950408889634, float("-inf"))
-        tl.store(LSE + bh.to(tl.int64) * MQ + dst, lse, mask=ok)
+        tl.store(LSE + (b * H + h).to(tl.int64) * MQ + dst, lse, mask=ok)
 
 
 def _merge_segments(part_acc: torch.Tensor, part_ml: torch.Tensor, split: list[int], block_m: int,
-                    out: torch.Tensor, lse: torch.Tensor | None, rows: torch.Tensor | None = None) -> None:
+                    out: torch.Tensor, lse: torch.Tensor | None, rows: torch.Tensor | None = None,
+                    heads: torch.Tensor | None = None) -> None:
     """Combine the split rows' partial tiles ([B*Hq, R, S, BM, D], max and normaliser [.., 2, BM],
     maxima in log2 units) into ``out`` [B, Mq, Hq, D] (and ``lse`` [B, Hq, Mq]): one launch over
     every split row and head (a dozen tensor ops before: ~70 us a merge on an H200). ``rows``:
-    the launch's row map (split row i is written to row ``rows[i]``)."""
+    the launch's row map (split row i is written to row ``rows[i]``). ``heads`` (device int32):
+    the tiles are of these query heads only, ``B * len(heads)`` of them."""
     bsz, mq, hq, d = out.shape
-    heads, count, segments = part_acc.shape[:3]
+    tiles, count, segments = part_acc.shape[:3]
     chunk = min(block_m, 32)
-    while out.is_cuda and chunk > 8 and heads * count * (block_m // chunk) < _sm_count(out.device):
+    while out.is_cuda and chunk > 8 and tiles * count * (block_m // chunk) < _sm_count(out.device):
         chunk //= 2  # few split rows (one grid head's question): smaller chunks, more programs
     split_rows = to_device(split, out.device, torch.int32)
     row_map = rows.to(torch.int32).contiguous() if rows is not None else split_rows
     with on_device(out):
-        _merge_segments_fwd[(heads, count * (block_m // chunk))](
-            part_acc, part_ml, split_rows, out, lse if lse is not None else part_ml, row_map, hq, mq, segments, count,
+        _merge_segments_fwd[(tiles, count * (block_m // chunk))](
+            part_acc, part_ml, split_rows, out, lse if lse is not None else part_ml, row_map,
+            heads if heads is not None else split_rows, hq, mq, segments, count, tiles // bsz,
             out.stride(0), out.stride(1), out.stride(2),
             PART_M=block_m, CHUNK=chunk, HEAD_DIM=d, WRITE_LSE=lse is not None, ROW_MAPS=rows is not None,
+            HAS_HEADS=heads is not None,
             num_warps=4,
         )

@@ -178,31 +178,42 @@ def test_kernel_matches_reference(b, hq, hkv, shape, q_lens, kv_lens, d, blocks,
         assert res is out
 
 
+@pytest.mark.parametrize("heads", ["all", "some", "mapped"])
 @pytest.mark.parametrize("segments", [1, 3], ids=["one-segment", "three-segments"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_dense_rows_are_exact_whatever_the_index_holds(monkeypatch, dtype, segments):
+def test_dense_rows_are_exact_whatever_the_index_holds(monkeypatch, dtype, segments, heads):
     """``dense_rows``: query sub-blocks computed over every causal key (split into segments and
     merged), written over what the index gives those rows; other rows follow the index. Equal to
     the reference of the index's mask with those rows made causal-dense (LSE too), on the CPU
-    path as on the kernel."""
+    path as on the kernel. Groups of three query heads a KV head: the kernel pairs two heads of a
+    group a program and leaves half of the third's program empty. ``dense_row_heads`` (some):
+    only those heads' rows are dense, the rest keep the index's. ``head_map`` on the CPU (mapped):
+    heads 0, 2, 4 read KV head 1 and are paired by it."""
     import mmsparse.kernels.sparse_attention as kernel
 
-    n, hq, hkv, d, bm = 150, 4, 2, 32, 32
+    n, hq, hkv, d, bm = 150, 6, 2, 32, 32
+    walked = [0, 2, 3, 4] if heads == "some" else list(range(hq))  # some: pairs (0, 2), (3, 4)
+    head_map = torch.tensor([1, 0, 1, 0, 1, 0], dtype=torch.int32) if heads == "mapped" else None
     monkeypatch.setattr(kernel, "_segment_blocks", lambda width, rows, device: -(-width // segments))
     q, k, v = qkv(1, hq, hkv, n, n, d, dtype, seed=41)
     order = causal_order(n, n, bm, bm, None, None)
     index = random_index(order, hq, n_cols=6, seed=42)
     sub_blocks = (3, 8, 9)  # rows 48-63 (in block 1), 128-149 (the last block, short)
     mask = index_token_mask(index, order).expand(1, hq, n, n).clone()
-    rows = [r for b in sub_blocks for r in range(b * 16, min(n, b * 16 + 16))]
-    mask[:, :, rows] = torch.ones(n, n, dtype=torch.bool, device=DEVICE).tril()[rows]
-    ref, ref_lse = masked_attention(q, k, v, mask)
-    res, lse = sparse_attention(q, k, v, index, order, dense_rows=sub_blocks, dense_block=16, return_lse=True)
+    rows = torch.tensor([r for b in sub_blocks for r in range(b * 16, min(n, b * 16 + 16))], device=DEVICE)
+    causal = torch.ones(n, n, dtype=torch.bool, device=DEVICE).tril()[rows]
+    mask[:, torch.tensor(walked, device=DEVICE)[:, None], rows[None, :]] = causal
+    ref, ref_lse = masked_attention(q, k, v, mask, head_map=head_map)
+    launch = dict(dense_rows=sub_blocks, dense_block=16, dense_row_heads=walked if heads == "some" else None,
+                  head_map=head_map)
+    res, lse = sparse_attention(q, k, v, index, order, return_lse=True, **launch)
     torch.testing.assert_close(res.float(), ref.float(), **OUT_TOL[dtype])
     torch.testing.assert_close(lse, ref_lse, **LSE_TOL[dtype])
     monkeypatch.setattr(kernel, "runs_triton", lambda t: False)  # the CPU backend's semantics are the same
-    cpu = sparse_attention(q, k, v, index, order, dense_rows=sub_blocks, dense_block=16)
+    cpu = sparse_attention(q, k, v, index, order, **launch)
     torch.testing.assert_close(cpu.float(), ref.float(), **OUT_TOL[dtype])
+    with pytest.raises(ValueError, match="dense_row_heads"):
+        sparse_attention(q, k, v, index, order, dense_rows=sub_blocks, dense_block=16, dense_row_heads=[hq])
     with pytest.raises(ValueError, match="dense_block"):
         sparse_attention(q, k, v, index, order, dense_rows=sub_blocks, dense_block=24)
 

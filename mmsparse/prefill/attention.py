@@ -203,7 +203,8 @@ def sparse_prefill_attention(query, key, value, request: PrefillRequest, layer: 
         # GQA group read the same key blocks while they are in L2 (H200, 128K, 28 A-shape-128
         # heads: 2.9 ms vs 4.6 ms in query-block order).
         out = sparse_attention(query, key, value, plan.natural, plan.order, scale=scaling, heads_fastest=True,
-                               dense_rows=plan.text_rows, dense_block=plan.fine_order.block_m)
+                               dense_rows=plan.text_rows, dense_block=plan.fine_order.block_m,
+                               dense_row_heads=plan.text_row_heads)
         # After the natural launch, which writes their rows as zeros, each in a launch of its own:
         # the grid heads (permuted order), a cached fixed plan's block heads estimated for this
         # layer, and the vertical-slash heads' video blocks (diagonal ranges).
@@ -239,7 +240,8 @@ def _heads_apart(query, key, value, heads: list[int], out: torch.Tensor, launch)
     group = query.shape[1] // key.shape[1]
     kv = slice(heads[0] // group, heads[-1] // group + 1)
     picked = to_device(heads, query.device, torch.long)
-    head_map = (picked // group - kv.start).to(torch.int32)
+    # On the host: the launch copies it over, and its dense rows pair the heads that share a KV head.
+    head_map = torch.tensor([h // group - kv.start for h in heads], dtype=torch.int32)
     run = head_slices(heads, group)
     if run is not None:
         launch(query[:, run[0]], key[:, kv], value[:, kv], head_map, out[:, :, run[0]])

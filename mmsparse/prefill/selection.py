@@ -104,6 +104,14 @@ class LayerPlan:
         """Query-key pairs computed (whole blocks, columns) / causal pairs, all heads."""
         return float(self.density_t)
 
+    @property
+    def text_row_heads(self) -> list[int] | None:
+        """The heads whose ``text_rows`` the natural launch computes: not the dense, grid or
+        estimated heads, whose launches write those rows over it (None: every head)."""
+        apart = set(self.dense_heads) | set(self.estimated_heads)
+        heads = [h for h, kind in enumerate(self.kinds) if kind != "grid" and h not in apart]
+        return None if len(heads) == len(self.kinds) else heads
+
     def nbytes(self) -> int:
         """Device memory the plan's indices and permutation hold."""
         extra = sum(t.nbytes for t in (self.perm, self.inverse) if t is not None)
