@@ -82,18 +82,19 @@ def _sparse_attention_fwd(
     HAS_COLUMNS: tl.constexpr, HAS_HEAD_MAP: tl.constexpr, HAS_HEAD_ROWS: tl.constexpr, WRITE_LSE: tl.constexpr,
     ROW_MAPS: tl.constexpr,
     USE_TMA: tl.constexpr, HEADS_FASTEST: tl.constexpr, SKIP_LONG: tl.constexpr, SPLIT: tl.constexpr,
-    SUB_M: tl.constexpr, TILE_N: tl.constexpr, DENSE_WALK: tl.constexpr,
+    SUB_M: tl.constexpr, TILE_N: tl.constexpr, DENSE_WALK: tl.constexpr, WALK_ROWS: tl.constexpr,
 ):
     # Heaviest (latest) query blocks first. With HEADS_FASTEST the heads of one query block run
     # side by side, so the heads of a GQA group read their shared key blocks while they are in L2.
     # SPLIT: program (bh, (i * SEGMENTS + s) * SUBS + sub) computes segment s of split row
     # SPLIT_ROWS[i]. Each program takes SUB_M of the query block's BLOCK_M rows (sub-block ``sub``).
-    # DENSE_WALK (a SPLIT launch): SPLIT_ROWS[i] is a sub-block (qb * SUBS + sub) of PART_M rows of
-    # a dense row, computed over every causal key block whatever the index holds (natural order).
-    # Program (b * PAIR_COUNT + p, i * SEGMENTS + s) takes segment s of it for the heads of pair p:
-    # rows [0, PART_M) of the program are head WALK_HEADS[WALK_PAIRS[2p]]'s, the rest the second
-    # head's (slot -1: none). Both read the same KV head; partial tiles go to (b, slot).
-    PART_M: tl.constexpr = SUB_M // 2 if DENSE_WALK else BLOCK_M  # rows of a partial tile
+    # DENSE_WALK (a SPLIT launch): SPLIT_ROWS[i] is a sub-block (qb * SUBS + sub) of WALK_ROWS rows
+    # of a dense row, computed over every causal key block whatever the index holds (natural
+    # order). Program (b * PAIR_COUNT + p, i * SEGMENTS + s) takes segment s of it for the heads of
+    # pair p: rows [0, WALK_ROWS) of the program are head WALK_HEADS[WALK_PAIRS[2p]]'s, the rest
+    # (SUB_M = 2 * WALK_ROWS) the second head's (slot -1: none). Both read the same KV head;
+    # partial tiles go to (b, slot). With SUB_M = WALK_ROWS a program takes one head.
+    PART_M: tl.constexpr = WALK_ROWS if DENSE_WALK else BLOCK_M  # rows of a partial tile
     SUBS: tl.constexpr = BLOCK_M // PART_M if DENSE_WALK else BLOCK_M // SUB_M
     if DENSE_WALK:
         bh = tl.program_id(0)
@@ -424,7 +425,7 @@ def sparse_attention(
             HAS_COLUMNS=has_cols, HAS_HEAD_MAP=head_map is not None, HAS_HEAD_ROWS=index.head_rows is not None,
             WRITE_LSE=return_lse, ROW_MAPS=rows is not None, USE_TMA=use_tma, HEADS_FASTEST=heads_fastest,
             SKIP_LONG=skip_long, SPLIT=parts is not None, SUB_M=rows_per_program, TILE_N=tile_n,
-            DENSE_WALK=parts is not None and parts.dense,
+            DENSE_WALK=parts is not None and parts.dense, WALK_ROWS=dense_block if pairs is not None else 0,
             num_warps=warps,
             num_stages=num_stages,
         )
@@ -441,8 +442,9 @@ def sparse_attention(
             d_segment = _segment_blocks(key_blocks, bsz * pairs.count * len(dense), q.device)
             d_parts = _Parts.make(dense, d_segment, -(-key_blocks // d_segment), bsz * pairs.walked, dense_block, d,
                                   q.device, dense=True)
-            launch((bsz * pairs.count, len(dense) * d_parts.segments), False, d_parts, 2 * dense_block,
-                   _warps(2 * dense_block, tile_n, q), pairs)
+            stacked = dense_block * (2 if pairs.count < pairs.walked else 1)  # one head a program if none pair
+            launch((bsz * pairs.count, len(dense) * d_parts.segments), False, d_parts, stacked,
+                   _warps(stacked, tile_n, q), pairs)
     if split:
         _merge_segments(parts.acc, parts.ml, split, index.block_m, out, lse if return_lse else None, rows)
     if dense:

@@ -178,7 +178,7 @@ def test_kernel_matches_reference(b, hq, hkv, shape, q_lens, kv_lens, d, blocks,
         assert res is out
 
 
-@pytest.mark.parametrize("heads", ["all", "some", "mapped"])
+@pytest.mark.parametrize("heads", ["all", "some", "mapped", "mha"])
 @pytest.mark.parametrize("segments", [1, 3], ids=["one-segment", "three-segments"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_dense_rows_are_exact_whatever_the_index_holds(monkeypatch, dtype, segments, heads):
@@ -188,10 +188,12 @@ def test_dense_rows_are_exact_whatever_the_index_holds(monkeypatch, dtype, segme
     path as on the kernel. Groups of three query heads a KV head: the kernel pairs two heads of a
     group a program and leaves half of the third's program empty. ``dense_row_heads`` (some):
     only those heads' rows are dense, the rest keep the index's. ``head_map`` on the CPU (mapped):
-    heads 0, 2, 4 read KV head 1 and are paired by it."""
+    heads 0, 2, 4 read KV head 1 and are paired by it. One KV head a query head (mha): no pairs,
+    a head a program."""
     import mmsparse.kernels.sparse_attention as kernel
 
-    n, hq, hkv, d, bm = 150, 6, 2, 32, 32
+    n, hq, d, bm = 150, 6, 32, 32
+    hkv = hq if heads == "mha" else 2
     walked = [0, 2, 3, 4] if heads == "some" else list(range(hq))  # some: pairs (0, 2), (3, 4)
     head_map = torch.tensor([1, 0, 1, 0, 1, 0], dtype=torch.int32) if heads == "mapped" else None
     monkeypatch.setattr(kernel, "_segment_blocks", lambda width, rows, device: -(-width // segments))
