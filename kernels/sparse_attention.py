@@ -337,7 +337,7 @@ def sparse_attention(
         raise ValueError(f"dense_row_heads must be query heads in [0, {q.shape[1]}); got {walk}")
     if not walk:
         dense_rows = ()
-    kv_of = kv_of_heads(q.shape[1], k.shape[1], head_map)  # before head_map moves to the device
+    host_map = head_map  # as given: on the CPU it tells the dense rows which heads to pair
     if head_map is not None and head_map.device != q.device:
         head_map = to_device(head_map, q.device)
     if not runs_triton(q):
@@ -437,7 +437,7 @@ def sparse_attention(
             parts = _Parts.make(split, segment, segments, bsz * hq, index.block_m, d, q.device)
             launch((bsz * hq, len(split) * segments * subs), False, parts)
         if dense:  # after the launches above: its rows are written over theirs
-            pairs = _Pairs.make(walk, kv_of, q.device)
+            pairs = _Pairs.make(walk, _host_kv_heads(hq, hkv, host_map), q.device)
             key_blocks = -(-mk // index.block_n)
             d_segment = _segment_blocks(key_blocks, bsz * pairs.count * len(dense), q.device)
             d_parts = _Parts.make(dense, d_segment, -(-key_blocks // d_segment), bsz * pairs.walked, dense_block, d,
@@ -478,13 +478,15 @@ class _Parts:
         return cls(to_device(rows, device, torch.int32), len(rows), segment, segments, acc, ml, dense)
 
 
-def kv_of_heads(hq: int, hkv: int, head_map: torch.Tensor | None) -> list[int]:
+def _host_kv_heads(hq: int, hkv: int, head_map: torch.Tensor | None) -> list[int]:
     """The KV head each query head reads, on the host. A ``head_map`` on the GPU is not read back
     (that would wait for the device): every head gets a KV head of its own, so none is paired
     (pass the map on the CPU)."""
-    if head_map is None:
-        return [h // max(1, hq // hkv) for h in range(hq)]
-    return head_map.tolist() if head_map.device.type == "cpu" else list(range(hq))
+    from .reference import kv_heads
+
+    if head_map is not None and head_map.device.type != "cpu":
+        return list(range(hq))
+    return kv_heads(hq, hkv, head_map, "cpu").tolist()
 
 
 @dataclass
