@@ -76,6 +76,8 @@ class TokenOrder:
     q_max: torch.Tensor  # [B, NQ] over valid rows (QUERY_PAD-free; KEY_PAD when all padding)
     k_min: torch.Tensor  # [B, NK] over valid keys
     k_max: torch.Tensor  # [B, NK] KEY_PAD when the block holds padding
+    # Whether some query row or key is padding, when the host knows (None: look at the positions).
+    padded: bool | None = None
 
     @property
     def num_q_blocks(self) -> int:
@@ -86,13 +88,14 @@ class TokenOrder:
         return self.k_min.shape[1]
 
     @classmethod
-    def from_positions(cls, q_pos: torch.Tensor, k_pos: torch.Tensor, block_m: int, block_n: int) -> "TokenOrder":
+    def from_positions(cls, q_pos: torch.Tensor, k_pos: torch.Tensor, block_m: int, block_n: int,
+                       padded: bool | None = None) -> "TokenOrder":
         q_pos, k_pos = q_pos.to(torch.int32).contiguous(), k_pos.to(torch.int32).contiguous()
         q_min, q_max = _block_min_max(q_pos, block_m, q_pos >= 0, empty_max=QUERY_PAD)
         q_max = torch.where(q_min == KEY_PAD, QUERY_PAD, q_max)
         k_min, _ = _block_min_max(k_pos, block_n, k_pos != KEY_PAD)
         _, k_max = _block_min_max(k_pos, block_n, torch.ones_like(k_pos, dtype=torch.bool))
-        return cls(q_pos, k_pos, block_m, block_n, q_min, q_max, k_min, k_max)
+        return cls(q_pos, k_pos, block_m, block_n, q_min, q_max, k_min, k_max, padded)
 
     @classmethod
     def causal(
@@ -110,6 +113,7 @@ class TokenOrder:
         """Natural order for a padded batch: Q is [B, q_len] rows, K is [B, kv_len] rows; sequence
         ``b`` has ``q_lens[b]`` queries that end at its last key ``kv_lens[b] - 1`` (chunked
         prefill when ``q_lens < kv_lens``); the rest is right padding."""
+        lens_given = q_lens is not None or kv_lens is not None
         if q_lens is None:
             q_lens = torch.full((batch,), q_len, dtype=torch.int32, device=device)
         if kv_lens is None:
@@ -119,7 +123,7 @@ class TokenOrder:
         keys = torch.arange(kv_len, dtype=torch.int32, device=device)[None]
         q_pos = torch.where(rows < q_lens[:, None], rows + (kv_lens - q_lens)[:, None], QUERY_PAD)
         k_pos = torch.where(keys < kv_lens[:, None], keys, KEY_PAD)
-        return cls.from_positions(q_pos, k_pos, block_m, block_n)
+        return cls.from_positions(q_pos, k_pos, block_m, block_n, padded=None if lens_given else False)
 
     def block_visibility(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(visible, full): [B, NQ, NK] booleans. ``visible``: some query of the block may see

@@ -141,11 +141,15 @@ def slash_block_mask(diags: torch.Tensor, order: TokenOrder) -> torch.Tensor:
     return table.gather(-1, offset.flatten(1)[:, None, :].expand(bsz, hq, -1)).view(bsz, hq, nq, nk)
 
 
-def _block_sum(x: torch.Tensor, valid: torch.Tensor, block: int, blocks: int) -> torch.Tensor:
+def _block_sum(x: torch.Tensor, valid: torch.Tensor, block: int, blocks: int, padded: bool | None = None
+               ) -> torch.Tensor:
     """Sum of the valid rows of x [B, H, M, D] per block of rows, in float32: [B, H, blocks, D].
-    No float copy of x, and no masked copy unless some row is padding."""
+    No float copy of x, and no masked copy unless some row is padding (``padded``: known on the
+    host; None: looked up, a read-back)."""
     bsz, h, m, d = x.shape
-    if not bool(valid.all()):
+    if padded is None:
+        padded = not bool(valid.all())
+    if padded:
         x = x * valid[:, None, :, None].to(x.dtype)
     x = torch.nn.functional.pad(x, (0, 0, 0, blocks * block - m)) if blocks * block != m else x
     return x.reshape(bsz, h, blocks, block, d).sum(3, dtype=torch.float32)
@@ -159,8 +163,8 @@ def pooled_block_scores(q: torch.Tensor, k: torch.Tensor, order: TokenOrder) -> 
     bm, bn = order.block_m, order.block_n
     nq, nk = order.num_q_blocks, order.num_k_blocks
     qv, kv = order.q_pos >= 0, order.k_pos != KEY_PAD
-    qp = _block_sum(q, qv, bm, nq)
-    kp = _block_sum(k, kv, bn, nk)
+    qp = _block_sum(q, qv, bm, nq, order.padded)
+    kp = _block_sum(k, kv, bn, nk, order.padded)
     qn = torch.nn.functional.pad(qv, (0, nq * bm - mq)).view(bsz, nq, bm).sum(-1).clamp(min=1)
     kn = torch.nn.functional.pad(kv, (0, nk * bn - mk)).view(bsz, nk, bn).sum(-1).clamp(min=1)
     qp, kp = qp / qn[:, None, :, None], kp / kn[:, None, :, None]

@@ -795,3 +795,23 @@ def test_cpu_chunked_backend_matches_reference(rows_per_chunk, with_columns, mon
     torch.testing.assert_close(sparse_attention(q, k, v, index, order), want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="return_lse"):
         sparse_attention(q, k, v, index, order, return_lse=True)
+
+
+def test_pooled_block_scores_trust_a_host_known_unpadded_order():
+    """A whole prompt's causal order says on the host that nothing is padding, so the pooled
+    block scores skip the read-back that looks for padding rows, with the same scores; a padded
+    batch's order leaves it to the positions, and its padding rows stay out of the means."""
+    from dataclasses import replace
+
+    from mmsparse.kernels.patterns import pooled_block_scores
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 40, 8, generator=g), torch.randn(2, 2, 40, 8, generator=g)
+    whole = TokenOrder.causal(40, 40, 16, 16)
+    assert whole.padded is False
+    torch.testing.assert_close(pooled_block_scores(q[:1], k[:1], whole),
+                               pooled_block_scores(q[:1], k[:1], replace(whole, padded=None)))
+    batch = TokenOrder.causal(40, 40, 16, 16, q_lens=torch.tensor([40, 25]), kv_lens=torch.tensor([40, 25]), batch=2)
+    assert batch.padded is None
+    short = pooled_block_scores(q[1:, :, :25], k[1:, :, :25], TokenOrder.causal(25, 25, 16, 16))
+    torch.testing.assert_close(pooled_block_scores(q, k, batch)[1:, :, :2, :2], short)

@@ -934,6 +934,62 @@ def test_fixed_plan_layers_read_nothing_back_from_the_gpu():
     assert [r["layer"] for r in request.stats.layers] == [0, 1] and request.stats.layers[1]["density"] > 0
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA torch counts the syncs: test_the_automatic_choice_syncs_once_on_cuda")
+def test_the_automatic_choice_reads_the_device_back_once_at_its_end():
+    """Every layer's choice scores all candidates, then reads their scores back once (the
+    ``_assemble`` step needs the chosen labels on the host). Any earlier read-back (a nonzero, a
+    boolean index, an ``.item()``) would drain the GPU's queue mid-choice and serialise the host's
+    launches with the GPU's work. Under FakeTensorMode every read-back raises: the first must be
+    that one, after every kind was scored."""
+    import traceback
+
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+
+    layout = _video_layout(pre=20, frames=16, per_frame=16, post=14)
+    cfg = SelectionConfig(block=16, sink=16, gamma=0.9, max_density=1.0)
+    q, k, v = _grid_qkv(layout, seed=3)
+    context = selection.layout_blocks(layout, layout.seq_len, cfg.block, "cpu")  # per request, on the host
+    scored = []
+    real_add = selection.Candidate.__init__
+
+    def note(self, kind, *args, **kwargs):
+        scored.append(kind)
+        real_add(self, kind, *args, **kwargs)
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with pytest.MonkeyPatch.context() as patch, \
+            pytest.raises((DataDependentOutputException, DynamicOutputShapeException)) as caught:
+        patch.setattr(selection.Candidate, "__init__", note)
+        with mode:
+            select(*(mode.from_tensor(t) for t in (q, k, v)), layout, cfg, context=context)
+    frames = [f.name for f in traceback.extract_tb(caught.value.__traceback__) if f.filename.endswith("selection.py")]
+    assert frames[-1] == "_assemble", f"read back in {frames[-1]}, before the scores were complete"
+    assert set(scored) == {"a_shape", "vertical_slash", "block", "grid"}
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="host-device syncs exist on CUDA only (torch.cuda.set_sync_debug_mode)")
+def test_the_automatic_choice_syncs_once_on_cuda():
+    """The same on the GPU, counted by torch: one synchronising call per layer's choice."""
+    import warnings
+
+    layout = _video_layout(pre=20, frames=16, per_frame=16, post=14)
+    cfg = SelectionConfig(block=16, sink=16, gamma=0.9, max_density=1.0)
+    q, k, v = (t.cuda() for t in _grid_qkv(layout, seed=3))
+    context = selection.layout_blocks(layout, layout.seq_len, cfg.block, "cuda")
+    select(q, k, v, layout, cfg, context=context)  # warm-up: first calls may load libraries
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            plan = select(q, k, v, layout, cfg, context=context)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in seen if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
+    assert len(plan.kinds) == q.shape[1]
+
+
 @pytest.mark.parametrize(
     "sink",
     [

@@ -119,12 +119,11 @@ class LayerPlan:
         return self.natural.nbytes() + apart + extra
 
 
-def _sample_rows(visual: torch.Tensor, count: int) -> torch.Tensor:
-    rows = torch.nonzero(visual).flatten()
-    if len(rows) <= count:
-        return rows
-    pick = torch.linspace(0, len(rows) - 1, count, device=rows.device).round().long()
-    return rows[pick]
+def _sample_rows(positions: torch.Tensor, count: int, device) -> torch.Tensor:
+    """``count`` evenly spread rows of the visual ``positions`` (host), on ``device``."""
+    if len(positions) > count:
+        positions = positions[torch.linspace(0, len(positions) - 1, count).round().long()]
+    return to_device(positions, device)
 
 
 def _sampled_attention(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, first: int | None = None,
@@ -219,15 +218,13 @@ def _evaluate_tokens(stats: "RowStats", keep: torch.Tensor, v: torch.Tensor) -> 
     return kept.mean(-1), error.mean(-1)
 
 
-def _cost(mask: torch.Tensor, visible: torch.Tensor, video_blocks: torch.Tensor,
-          causal_blocks: torch.Tensor | None = None) -> torch.Tensor:
-    """Blocks computed in the video query blocks over the causal block area of the video rows
-    in the natural order (``causal_blocks``, default: the visible ones here): [H|1]. A permuted
-    order has more partially visible blocks than the natural one, so its own visible area is
-    not the yardstick."""
-    m = mask[:, video_blocks] & visible[video_blocks]
-    area = visible[video_blocks].sum() if causal_blocks is None else causal_blocks
-    return m.sum((-1, -2)).float() / area.clamp(min=1)
+def _cost(mask: torch.Tensor, video_visible: torch.Tensor, area: torch.Tensor) -> torch.Tensor:
+    """Blocks of ``mask`` [H|1, NQ, NK] computed in the visible blocks of video query blocks
+    (``video_visible`` [NQ, NK], of the mask's order) over ``area``, the causal block area of
+    the video rows in the natural order: [H|1]. A permuted order has more partially visible
+    blocks than the natural one, so its own visible area is not the yardstick. Masks, not
+    boolean indexing: that would read the device back for every candidate."""
+    return (mask & video_visible).sum((-1, -2)).float() / area.clamp(min=1)
 
 
 def _forced(candidates: list[Candidate], labels: tuple[str, ...], heads: int) -> list[int]:
@@ -284,6 +281,9 @@ class LayoutBlocks:
     slash_skip: torch.Tensor  # bool [1, N / FINE_BLOCK]
     text_fill: torch.Tensor  # bool [NQ]
     text_rows: tuple[int, ...]
+    # The visual rows' positions (int64, host): sampled rows are picked here and copied over, so
+    # the choice starts without reading the device back.
+    visual_positions: torch.Tensor
 
 
 def layout_blocks(layout: TokenLayout, n: int, block: int, device) -> LayoutBlocks:
@@ -307,7 +307,8 @@ def layout_blocks(layout: TokenLayout, n: int, block: int, device) -> LayoutBloc
     text_rows = tuple(torch.nonzero(text & long.repeat_interleave(per)[:nf]).flatten().tolist())
     skip = (fill.repeat_interleave(per)[:nf] | text)[None]
     return LayoutBlocks(order, visible, to_device(visual, device), to_device(video, device), fine_order,
-                        to_device(skip, device), to_device(fill, device), text_rows)
+                        to_device(skip, device), to_device(fill, device), text_rows,
+                        torch.nonzero(visual).flatten())
 
 
 def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, cfg: SelectionConfig,
@@ -327,10 +328,12 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
     order, visible, visual = blocks.order, blocks.visible, blocks.visual
     nq, nk = visible.shape
     video_blocks, text_blocks = blocks.video_blocks, ~blocks.video_blocks
+    video_visible = visible & video_blocks[:, None]  # the cost's yardstick, built once a layer
+    video_area = video_visible.sum()
     wanted = None if cfg.forced is None else set(cfg.forced)
     stats = None
     if wanted is None:
-        rows = _sample_rows(visual, cfg.sample_queries)
+        rows = _sample_rows(blocks.visual_positions, cfg.sample_queries, dev)
         p = _sampled_attention(q, k, rows)
         stats = RowStats.build(p, v[0], rows // bs, bs)
     candidates: list[Candidate] = []
@@ -340,7 +343,7 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
 
     unscored = torch.full((hq,), float("nan"), device=dev)
 
-    def add(kind: str, budget: str, label: str, mask: torch.Tensor, row_stats=None, cost_rows=None, vis=None,
+    def add(kind: str, budget: str, label: str, mask: torch.Tensor, row_stats=None, cost_blocks=None,
             heads=None, slash=None, scored=None):
         if wanted is not None:  # a fixed plan: built, never scored or costed
             candidates.append(Candidate(kind, budget, f"{kind}:{label}", mask, unscored, unscored, unscored,
@@ -350,8 +353,7 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
             rec, err, cost = scored
         else:
             rec, err = (row_stats or stats).evaluate(mask)
-            cost = _cost(mask, visible if vis is None else vis, video_blocks if cost_rows is None else cost_rows,
-                         visible[video_blocks].sum())
+            cost = _cost(mask, video_visible if cost_blocks is None else cost_blocks, video_area)
         candidates.append(Candidate(kind, budget, f"{kind}:{label}", mask, rec.expand(hq), err.expand(hq),
                                     cost.expand(hq), heads, slash))
 
@@ -376,7 +378,7 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
             slashes = _slash_indices(q, k, layout, blocks, budgets, heads, cfg.sink) if cfg.estimate else \
                 [None] * len(budgets)
             for (n_cols, n_diag), slash in zip(budgets, slashes):
-                scored = None if stats is None else _score_slash(stats, slash, blocks, rows, v[0], bs)
+                scored = None if stats is None else _score_slash(stats, slash, video_area, rows, v[0], bs)
                 add("vertical_slash", f"columns={n_cols},diagonals={n_diag}", f"{n_cols}/{n_diag}", empty,
                     heads=heads, slash=slash, scored=scored)
     spans = [(s.start, s.num_frames, s.tokens_per_frame) for s in layout.video_spans if s.tokens_per_frame and s.num_frames > 1]
@@ -394,8 +396,8 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
         grid_ctx = (perm, porder, inverse)
         bands = band_mask(porder, sink=cfg.sink, local=[mult * frames for mult in mults])[0] & pvisible[0]
         for mult, mask in zip(mults, bands):
-            add("grid", f"band={mult * frames}", f"{mult}F", mask[None], row_stats=pstats, cost_rows=pvideo,
-                vis=pvisible[0])
+            add("grid", f"band={mult * frames}", f"{mult}F", mask[None], row_stats=pstats,
+                cost_blocks=pvisible[0] & pvideo[:, None])
     plan = _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg, blocks.text_fill)
     plan.fine_order, plan.text_rows = blocks.fine_order, blocks.text_rows
     plan.density_t = _density(plan)
@@ -473,17 +475,17 @@ def _slash_from_scores(v_score: torch.Tensor, s_score: torch.Tensor, budgets, bl
     return out
 
 
-def _score_slash(stats: RowStats, slash: SlashIndex, blocks: LayoutBlocks, rows: torch.Tensor, v: torch.Tensor,
+def _score_slash(stats: RowStats, slash: SlashIndex, video_area: torch.Tensor, rows: torch.Tensor, v: torch.Tensor,
                  block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(recall, error, cost) [H] of a vertical-slash candidate on the sampled rows, on the exact
     keys its tiles and columns compute (a sampled row in a block its launch leaves alone is dense
     there: text). Cost: query-key pairs computed in the video query blocks, in blocks, over their
-    causal block area."""
+    causal block area (``video_area``, in blocks)."""
     keep = slash_rows_keep(slash, rows)
-    keep[:, slash.skip[0, rows // slash.block_m]] = 1
+    keep.masked_fill_(slash.skip[0, rows // slash.block_m][None, :, None], 1)  # a mask: no read-back
     rec, err = _evaluate_tokens(stats, keep, v)
     pairs = slash.keys_per_block()[0].sum(-1) * slash.block_m  # skipped (text) blocks read nothing
-    cost = (pairs / (block * block) / blocks.visible[blocks.video_blocks].sum().clamp(min=1)).float()
+    cost = (pairs / (block * block) / video_area.clamp(min=1)).float()
     return rec, err, cost
 
 
@@ -521,7 +523,7 @@ def estimate_slash(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, labels
 
 
 def _shared_rows(candidates: list[Candidate], chosen: list[int], visible: torch.Tensor, text_blocks: torch.Tensor,
-                 order: TokenOrder, full_width: bool = False) -> SparseIndex:
+                 order: TokenOrder) -> SparseIndex:
     """The natural-order index of a layer with one row per distinct pattern: a head-free
     candidate (A-shape, vertical-slash: only its text rows here), "dense" and "grid" (both empty
     here: those heads run through SDPA and in the permuted order) take one row for all their
@@ -549,7 +551,7 @@ def _shared_rows(candidates: list[Candidate], chosen: list[int], visible: torch.
     mask = torch.cat(masks)
     dense_text = text_blocks[:, None] & visible
     mask = mask | (dense_text[None] & to_device(filled, dev, torch.bool)[:, None, None])
-    return compile_block_mask(mask[None], order, head_rows=head_rows, full_width=full_width)
+    return compile_block_mask(mask[None], order, head_rows=head_rows, full_width=True)
 
 
 def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg, text_fill) -> LayerPlan:
@@ -566,8 +568,12 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg, text_f
         ok = good & (cost <= cfg.max_density)
         time = cost * to_device([pair_time(c.kind) for c in candidates], cost.device, cost.dtype)[:, None]
         best = torch.where(ok, time, float("inf")).argmin(0)  # [H]: least time among those meeting the rule
-        chosen = torch.where(ok.gather(0, best[None])[0], best, -1).tolist()
-        table = {"recall": recall.tolist(), "error": error.tolist(), "cost": cost.tolist()}  # one copy each
+        chosen_t = torch.where(ok.gather(0, best[None])[0], best, -1)
+        # One read-back for all of it (the choice's only one before the index is built).
+        host = torch.cat([chosen_t.to(recall.dtype)[None], recall, error, cost]).tolist()
+        c = len(candidates)
+        chosen = [int(x) for x in host[0]]
+        table = {"recall": host[1:1 + c], "error": host[1 + c:1 + 2 * c], "cost": host[1 + 2 * c:]}
     if cfg.forced is not None:  # built, not scored: nothing to read back from the device
         chosen = _forced(candidates, cfg.forced, hq)
         table = {name: [[math.nan] * hq for _ in candidates] for name in table}
@@ -577,8 +583,9 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg, text_f
     recalls = [table["recall"][c][h] if c >= 0 else 1.0 for h, c in enumerate(chosen)]
     errors = [table["error"][c][h] if c >= 0 else 0.0 for h, c in enumerate(chosen)]
     grid_heads = [h for h, kind in enumerate(kinds) if kind == "grid"]
-    # A fixed plan is built per layer during the prefill: full-width rows need no read-back.
-    natural = _shared_rows(candidates, chosen, visible, text_fill, order, full_width=cfg.forced is not None)
+    # Plans are built per layer during the prefill: full-width rows need no read-back (and are as
+    # wide as a trailing question's row anyway; the kernels walk each row's count, not the width).
+    natural = _shared_rows(candidates, chosen, visible, text_fill, order)
     plan = LayerPlan(kinds, budgets, recalls, errors, natural, order, labels=labels)
     plan.table = {c.label: {name: values[i] for name, values in table.items()} for i, c in enumerate(candidates)}
     plan.dense_heads = [h for h, c in enumerate(chosen) if c < 0]
@@ -595,7 +602,7 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg, text_f
         masks = torch.stack([candidates[c].mask[0] for c in grid_chosen])[None]
         masks = masks | (text_blocks[:, None] & pvisible[0])[None, None]
         rows = [grid_chosen.index(chosen[h]) for h in grid_heads]
-        plan.grid = compile_block_mask(masks, porder, head_rows=rows, full_width=cfg.forced is not None)
+        plan.grid = compile_block_mask(masks, porder, head_rows=rows, full_width=True)
         plan.grid_heads = to_device(grid_heads, dev, torch.long)
         plan.grid_order, plan.perm, plan.inverse = porder, perm, inverse
     return plan
