@@ -1219,6 +1219,32 @@ def test_vertical_slash_scoring_reads_the_keys_the_kernel_computes():
     assert torch.equal((keep & causal)[:, video], want[:, video])
 
 
+def test_vertical_slash_budgets_built_together_equal_each_built_alone():
+    """The choice builds every vertical-slash budget's index in one call (budgets as the batch,
+    diagonals padded by repeating one, columns padded past every key); each budget's part reads
+    the same keys as that budget built alone, and holds only its own columns."""
+    from mmsparse.kernels.vertical_slash import slash_index
+
+    layout = _video_layout(pre=21, frames=8, per_frame=16, post=19)
+    n = layout.seq_len
+    blocks = selection.layout_blocks(layout, n, 16, "cpu")
+    g = torch.Generator().manual_seed(4)
+    v_score, s_score = torch.rand(3, n, generator=g), torch.rand(3, n, generator=g)
+    budgets = [(4, 8), (20, 64), (9, 400)]  # the last asks for more diagonals than the prompt has
+    together = selection._slash_from_scores(v_score, s_score, budgets, blocks)
+    rows = torch.arange(n)
+    top_cols = v_score.topk(20, -1).indices
+    for (n_cols, n_diag), got in zip(budgets, together):
+        s = s_score.clone()
+        s[:, : min(n_diag // 2, n)] = float("inf")
+        alone = slash_index(s.topk(min(n_diag, n), -1).indices[None], top_cols[:, :n_cols].sort(-1).values[None],
+                            blocks.fine_order, skip=blocks.slash_skip)
+        assert torch.equal(got.columns, alone.columns) and torch.equal(got.column_count, alone.column_count)
+        assert torch.equal(got.count, alone.count) and torch.equal(got.first, alone.first)
+        assert torch.equal(slash_token_mask(got, blocks.fine_order, rows), slash_token_mask(alone, blocks.fine_order, rows))
+        assert torch.equal(got.pairs(), alone.pairs())
+
+
 @pytest.mark.parametrize("n", [168, 97], ids=["chunked-keys", "one-chunk"])
 def test_token_scoring_equals_its_definition(n):
     """Recall and error of a key set from the sampled rows' scores: the kept mass, and the

@@ -465,14 +465,31 @@ def _slash_from_scores(v_score: torch.Tensor, s_score: torch.Tensor, budgets, bl
     to the other launches (``LayoutBlocks.slash_skip``)."""
     n = v_score.shape[-1]
     top_cols = v_score.topk(min(max(c for c, _ in budgets), n), -1).indices  # best first: each budget is a prefix
-    out = []
+    widest = max(min(d, n) for _, d in budgets)
+    diags, cols = [], []
     for n_cols, n_diag in budgets:
-        cols = top_cols[:, :n_cols].sort(-1).values  # [H, C]
+        c = top_cols[:, :n_cols].sort(-1).values  # [H, C]
+        if c.shape[-1] < top_cols.shape[-1]:  # padded past every key (n): never in a block's column prefix
+            c = torch.nn.functional.pad(c, (0, top_cols.shape[-1] - c.shape[-1]), value=n)
         s = s_score.clone()
         s[:, : min(n_diag // 2, n)] = float("inf")  # half the diagonals: the nearest band
-        diags = s.topk(min(n_diag, n), -1).indices
-        out.append(slash_index(diags[None], cols[None], blocks.fine_order, skip=blocks.slash_skip))
-    return out
+        d = s.topk(min(n_diag, n), -1).indices
+        if d.shape[-1] < widest:  # a repeated offset is harmless
+            d = torch.cat([d, d[:, :1].expand(-1, widest - d.shape[-1])], -1)
+        diags.append(d[None])
+        cols.append(c[None])
+    if len(budgets) == 1:
+        return [slash_index(diags[0], cols[0], blocks.fine_order, skip=blocks.slash_skip)]
+    # Every budget's index in one build (the budgets as its batch): one set of small kernels.
+    both = slash_index(torch.cat(diags), torch.cat(cols), blocks.fine_order, skip=blocks.slash_skip)
+    return [_budget_of(both, b, min(c, n)) for b, (c, _) in enumerate(budgets)]
+
+
+def _budget_of(index: SlashIndex, b: int, n_cols: int) -> SlashIndex:
+    """Batch entry ``b`` of a budgets-as-batch ``SlashIndex`` (views; its ``n_cols`` real columns)."""
+    pick = {name: getattr(index, name)[b:b + 1] for name in ("starts", "widths", "count", "first", "column_count",
+                                                               "cover")}
+    return dataclasses.replace(index, columns=index.columns[b:b + 1, :, :n_cols].contiguous(), **pick)
 
 
 def _score_slash(stats: RowStats, slash: SlashIndex, video_area: torch.Tensor, rows: torch.Tensor, v: torch.Tensor,
