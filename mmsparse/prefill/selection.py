@@ -395,9 +395,9 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
         frames = max(f for _, f, _ in spans)
         grid_ctx = (perm, porder, inverse)
         bands = band_mask(porder, sink=cfg.sink, local=[mult * frames for mult in mults])[0] & pvisible[0]
+        pvideo_visible = pvisible[0] & pvideo[:, None]
         for mult, mask in zip(mults, bands):
-            add("grid", f"band={mult * frames}", f"{mult}F", mask[None], row_stats=pstats,
-                cost_blocks=pvisible[0] & pvideo[:, None])
+            add("grid", f"band={mult * frames}", f"{mult}F", mask[None], row_stats=pstats, cost_blocks=pvideo_visible)
     plan = _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg, blocks.text_fill)
     plan.fine_order, plan.text_rows = blocks.fine_order, blocks.text_rows
     plan.density_t = _density(plan)
