@@ -1219,6 +1219,26 @@ def test_vertical_slash_scoring_reads_the_keys_the_kernel_computes():
     assert torch.equal((keep & causal)[:, video], want[:, video])
 
 
+def test_the_choice_builds_its_prompt_only_parts_once_per_request(monkeypatch):
+    """The A-shape masks and costs and the grid's permutation, order and bands depend on the
+    prompt only: the first layer builds them into the request's context, later layers reuse
+    them and choose as they would from scratch."""
+    layout = _video_layout(pre=20, frames=16, per_frame=16, post=14)
+    cfg = SelectionConfig(block=16, sink=16, gamma=0.9, max_density=1.0)
+    context = selection.layout_blocks(layout, layout.seq_len, cfg.block, "cpu")
+    built = []
+    for name in ("band_mask", "grid_permutation"):
+        real = getattr(selection, name)
+        monkeypatch.setattr(selection, name, lambda *a, _real=real, _name=name, **kw: built.append(_name) or _real(*a, **kw))
+    plans = [select(*_grid_qkv(layout, seed=seed), layout, cfg, context=context) for seed in (3, 4, 4)]
+    assert sorted(built) == ["band_mask", "band_mask", "grid_permutation"]  # A-shape widths, grid bands: once
+    fresh = select(*_grid_qkv(layout, seed=4), layout, cfg)  # its own context
+    assert "grid" in plans[2].kinds and plans[2].labels == fresh.labels == plans[1].labels
+    assert plans[2].table == fresh.table
+    assert torch.equal(plans[2].natural.per_head().block_mask, fresh.natural.per_head().block_mask)
+    assert torch.equal(plans[2].grid.per_head().block_mask, fresh.grid.per_head().block_mask)
+
+
 def test_vertical_slash_budgets_built_together_equal_each_built_alone():
     """The choice builds every vertical-slash budget's index in one call (budgets as the batch,
     diagonals padded by repeating one, columns padded past every key); each budget's part reads

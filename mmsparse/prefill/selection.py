@@ -227,6 +227,47 @@ def _cost(mask: torch.Tensor, video_visible: torch.Tensor, area: torch.Tensor) -
     return (mask & video_visible).sum((-1, -2)).float() / area.clamp(min=1)
 
 
+def _video_area(visible: torch.Tensor, video_blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the visible blocks of video query blocks [NQ, NK], their count): the costs' yardstick."""
+    video_visible = visible & video_blocks[:, None]
+    return video_visible, video_visible.sum()
+
+
+def _with_costs(masks: torch.Tensor, video_visible: torch.Tensor, area: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(head-free masks [C, NQ, NK], their costs [C])."""
+    return masks, _cost(masks, video_visible, area)
+
+
+@dataclass
+class GridParts:
+    """The grid candidates of a prompt: its position-major permutation and token order, the
+    visible blocks there [1, NQ, NK], one band mask per width [C, NQ, NK] and its cost [C]."""
+
+    perm: torch.Tensor
+    inverse: torch.Tensor
+    order: TokenOrder
+    visible: torch.Tensor
+    frames: int
+    bands: torch.Tensor
+    costs: torch.Tensor
+
+
+def _grid_parts(spans: list[tuple[int, int, int]], visual: torch.Tensor, block: int, sink: int, mults: list[int],
+                video_area: torch.Tensor) -> GridParts:
+    """The ``GridParts`` of a prompt whose visual rows are ``visual`` [N] (``spans``: the videos'
+    (start, frames, tokens per frame) with more than one frame)."""
+    n = visual.shape[0]
+    perm = grid_permutation(n, spans, device=visual.device)
+    order = permuted_order(perm, 1, block, block)
+    visible, _ = order.block_visibility()
+    nq = visible.shape[1]
+    pvideo = torch.nn.functional.pad(visual[perm], (0, nq * block - n)).view(nq, block).all(-1)
+    frames = max(f for _, f, _ in spans)
+    bands = band_mask(order, sink=sink, local=[mult * frames for mult in mults])[0] & visible[0]
+    costs = _cost(bands, visible[0] & pvideo[:, None], video_area)
+    return GridParts(perm, inverse_permutation(perm), order, visible, frames, bands, costs)
+
+
 def _forced(candidates: list[Candidate], labels: tuple[str, ...], heads: int) -> list[int]:
     """Candidate number per head for a fixed plan (-1: dense)."""
     if len(labels) != heads:
@@ -284,6 +325,15 @@ class LayoutBlocks:
     # The visual rows' positions (int64, host): sampled rows are picked here and copied over, so
     # the choice starts without reading the device back.
     visual_positions: torch.Tensor
+    # The choice's pieces that depend on the prompt only (A-shape masks and costs, the grid's
+    # permuted order and bands), built by the first layer that asks: every layer needs the same.
+    memo: dict = field(default_factory=dict, repr=False)
+
+    def memoized(self, key: tuple, build):
+        """``build()``, once per ``key`` for this prompt."""
+        if key not in self.memo:
+            self.memo[key] = build()
+        return self.memo[key]
 
 
 def layout_blocks(layout: TokenLayout, n: int, block: int, device) -> LayoutBlocks:
@@ -328,8 +378,7 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
     order, visible, visual = blocks.order, blocks.visible, blocks.visual
     nq, nk = visible.shape
     video_blocks, text_blocks = blocks.video_blocks, ~blocks.video_blocks
-    video_visible = visible & video_blocks[:, None]  # the cost's yardstick, built once a layer
-    video_area = video_visible.sum()
+    video_visible, video_area = blocks.memoized(("video_area",), lambda: _video_area(visible, video_blocks))
     wanted = None if cfg.forced is None else set(cfg.forced)
     stats = None
     if wanted is None:
@@ -343,7 +392,7 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
 
     unscored = torch.full((hq,), float("nan"), device=dev)
 
-    def add(kind: str, budget: str, label: str, mask: torch.Tensor, row_stats=None, cost_blocks=None,
+    def add(kind: str, budget: str, label: str, mask: torch.Tensor, row_stats=None, cost=None,
             heads=None, slash=None, scored=None):
         if wanted is not None:  # a fixed plan: built, never scored or costed
             candidates.append(Candidate(kind, budget, f"{kind}:{label}", mask, unscored, unscored, unscored,
@@ -353,15 +402,17 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
             rec, err, cost = scored
         else:
             rec, err = (row_stats or stats).evaluate(mask)
-            cost = _cost(mask, video_visible if cost_blocks is None else cost_blocks, video_area)
+            cost = _cost(mask, video_visible, video_area) if cost is None else cost
         candidates.append(Candidate(kind, budget, f"{kind}:{label}", mask, rec.expand(hq), err.expand(hq),
                                     cost.expand(hq), heads, slash))
 
     if "a_shape" in cfg.kinds:
         locals_ = [w for w in A_SHAPE_LOCAL if (w < n or w == A_SHAPE_LOCAL[0]) and want(f"a_shape:{w}")]
         if locals_:
-            for local, mask in zip(locals_, band_mask(order, sink=cfg.sink, local=locals_)[0]):  # all widths at once
-                add("a_shape", f"sink={cfg.sink},local={local}", f"{local}", mask[None])
+            masks, costs = blocks.memoized(("a_shape", cfg.sink, tuple(locals_)), lambda: _with_costs(
+                band_mask(order, sink=cfg.sink, local=locals_)[0], video_visible, video_area))  # all widths at once
+            for i, local in enumerate(locals_):
+                add("a_shape", f"sink={cfg.sink},local={local}", f"{local}", masks[i:i + 1], cost=costs[i:i + 1])
     if "block" in cfg.kinds:
         gammas = [g for g in sorted({cfg.gamma, min(0.99, 1 - (1 - cfg.gamma) / 2)}) if want(f"block:{g}")]
         if gammas:
@@ -385,19 +436,15 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
     grid_ctx = None
     mults = [m for m in GRID_BANDS if want(f"grid:{m}F")]
     if "grid" in cfg.kinds and spans and mults:
-        perm = grid_permutation(n, spans, device=dev)
-        porder = permuted_order(perm, 1, bs, bs)
-        inverse = inverse_permutation(perm)
+        grid = blocks.memoized(("grid", cfg.sink, tuple(mults)), lambda: _grid_parts(
+            spans, visual, bs, cfg.sink, mults, video_area))
+        perm, inverse = grid.perm, grid.inverse
         pstats = None if stats is None else RowStats.build(p[:, :, perm], v[0][:, perm], inverse[rows] // bs, bs,
                                                             keep_rows=False)
-        pvisible, _ = porder.block_visibility()
-        pvideo = torch.nn.functional.pad(visual[perm], (0, nq * bs - n)).view(nq, bs).all(-1)
-        frames = max(f for _, f, _ in spans)
-        grid_ctx = (perm, porder, inverse)
-        bands = band_mask(porder, sink=cfg.sink, local=[mult * frames for mult in mults])[0] & pvisible[0]
-        pvideo_visible = pvisible[0] & pvideo[:, None]
-        for mult, mask in zip(mults, bands):
-            add("grid", f"band={mult * frames}", f"{mult}F", mask[None], row_stats=pstats, cost_blocks=pvideo_visible)
+        grid_ctx = grid
+        for i, mult in enumerate(mults):
+            add("grid", f"band={mult * grid.frames}", f"{mult}F", grid.bands[i:i + 1], row_stats=pstats,
+                cost=grid.costs[i:i + 1])
     plan = _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg, blocks.text_fill)
     plan.fine_order, plan.text_rows = blocks.fine_order, blocks.text_rows
     plan.density_t = _density(plan)
@@ -610,8 +657,7 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg, text_f
     if plan.slash_heads and candidates[chosen[plan.slash_heads[0]]].slash is not None:
         plan.slash = _slash_rows(candidates, chosen, plan.slash_heads, dev)
     if grid_heads and grid_ctx is not None:
-        perm, porder, inverse = grid_ctx
-        pvisible, _ = porder.block_visibility()
+        perm, porder, inverse, pvisible = grid_ctx.perm, grid_ctx.order, grid_ctx.inverse, grid_ctx.visible
         grid_chosen = sorted({chosen[h] for h in grid_heads})
         # Grid masks are head-free: one row per band. The permutation moves video rows only, so
         # a permuted query block holds text iff the natural block with the same number does:
