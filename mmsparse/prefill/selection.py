@@ -227,12 +227,6 @@ def _cost(mask: torch.Tensor, video_visible: torch.Tensor, area: torch.Tensor) -
     return (mask & video_visible).sum((-1, -2)).float() / area.clamp(min=1)
 
 
-def _video_area(visible: torch.Tensor, video_blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the visible blocks of video query blocks [NQ, NK], their count): the costs' yardstick."""
-    video_visible = visible & video_blocks[:, None]
-    return video_visible, video_visible.sum()
-
-
 def _with_costs(masks: torch.Tensor, video_visible: torch.Tensor, area: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(head-free masks [C, NQ, NK], their costs [C])."""
     return masks, _cost(masks, video_visible, area)
@@ -325,6 +319,9 @@ class LayoutBlocks:
     # The visual rows' positions (int64, host): sampled rows are picked here and copied over, so
     # the choice starts without reading the device back.
     visual_positions: torch.Tensor
+    # The costs' yardstick: the visible blocks of video query blocks [NQ, NK] and their count.
+    video_visible: torch.Tensor
+    video_area: torch.Tensor
     # The choice's pieces that depend on the prompt only (A-shape masks and costs, the grid's
     # permuted order and bands), built by the first layer that asks: every layer needs the same.
     memo: dict = field(default_factory=dict, repr=False)
@@ -356,9 +353,11 @@ def layout_blocks(layout: TokenLayout, n: int, block: int, device) -> LayoutBloc
     fill = ~video & ~long
     text_rows = tuple(torch.nonzero(text & long.repeat_interleave(per)[:nf]).flatten().tolist())
     skip = (fill.repeat_interleave(per)[:nf] | text)[None]
-    return LayoutBlocks(order, visible, to_device(visual, device), to_device(video, device), fine_order,
+    video_blocks = to_device(video, device)
+    video_visible = visible & video_blocks[:, None]
+    return LayoutBlocks(order, visible, to_device(visual, device), video_blocks, fine_order,
                         to_device(skip, device), to_device(fill, device), text_rows,
-                        torch.nonzero(visual).flatten())
+                        torch.nonzero(visual).flatten(), video_visible, video_visible.sum())
 
 
 def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, cfg: SelectionConfig,
@@ -377,8 +376,8 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
                          f"this layer has {n} in blocks of {bs}: build it with layout_blocks(layout, {n}, {bs}, device)")
     order, visible, visual = blocks.order, blocks.visible, blocks.visual
     nq, nk = visible.shape
-    video_blocks, text_blocks = blocks.video_blocks, ~blocks.video_blocks
-    video_visible, video_area = blocks.memoized(("video_area",), lambda: _video_area(visible, video_blocks))
+    text_blocks = ~blocks.video_blocks
+    video_visible, video_area = blocks.video_visible, blocks.video_area
     wanted = None if cfg.forced is None else set(cfg.forced)
     stats = None
     if wanted is None:
@@ -433,19 +432,17 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
                 add("vertical_slash", f"columns={n_cols},diagonals={n_diag}", f"{n_cols}/{n_diag}", empty,
                     heads=heads, slash=slash, scored=scored)
     spans = [(s.start, s.num_frames, s.tokens_per_frame) for s in layout.video_spans if s.tokens_per_frame and s.num_frames > 1]
-    grid_ctx = None
+    grid = None
     mults = [m for m in GRID_BANDS if want(f"grid:{m}F")]
     if "grid" in cfg.kinds and spans and mults:
         grid = blocks.memoized(("grid", cfg.sink, tuple(mults)), lambda: _grid_parts(
             spans, visual, bs, cfg.sink, mults, video_area))
-        perm, inverse = grid.perm, grid.inverse
-        pstats = None if stats is None else RowStats.build(p[:, :, perm], v[0][:, perm], inverse[rows] // bs, bs,
-                                                            keep_rows=False)
-        grid_ctx = grid
+        pstats = None if stats is None else RowStats.build(p[:, :, grid.perm], v[0][:, grid.perm],
+                                                            grid.inverse[rows] // bs, bs, keep_rows=False)
         for i, mult in enumerate(mults):
             add("grid", f"band={mult * grid.frames}", f"{mult}F", grid.bands[i:i + 1], row_stats=pstats,
                 cost=grid.costs[i:i + 1])
-    plan = _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg, blocks.text_fill)
+    plan = _assemble(candidates, hq, order, visible, text_blocks, grid, cfg, blocks.text_fill)
     plan.fine_order, plan.text_rows = blocks.fine_order, blocks.text_rows
     plan.density_t = _density(plan)
     if plan.grid is not None:
@@ -618,7 +615,7 @@ def _shared_rows(candidates: list[Candidate], chosen: list[int], visible: torch.
     return compile_block_mask(mask[None], order, head_rows=head_rows, full_width=True)
 
 
-def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg, text_fill) -> LayerPlan:
+def _assemble(candidates, hq, order, visible, text_blocks, grid: GridParts | None, cfg, text_fill) -> LayerPlan:
     dev = visible.device
     chosen = [-1] * hq
     table = {"recall": [], "error": [], "cost": []}
@@ -656,8 +653,8 @@ def _assemble(candidates, hq, order, visible, text_blocks, grid_ctx, cfg, text_f
     plan.slash_heads = [h for h, kind in enumerate(kinds) if kind == "vertical_slash"]
     if plan.slash_heads and candidates[chosen[plan.slash_heads[0]]].slash is not None:
         plan.slash = _slash_rows(candidates, chosen, plan.slash_heads, dev)
-    if grid_heads and grid_ctx is not None:
-        perm, porder, inverse, pvisible = grid_ctx.perm, grid_ctx.order, grid_ctx.inverse, grid_ctx.visible
+    if grid_heads and grid is not None:
+        perm, porder, inverse, pvisible = grid.perm, grid.order, grid.inverse, grid.visible
         grid_chosen = sorted({chosen[h] for h in grid_heads})
         # Grid masks are head-free: one row per band. The permutation moves video rows only, so
         # a permuted query block holds text iff the natural block with the same number does:
